@@ -1,0 +1,33 @@
+"""bigcat: out-of-core tools for cell-by-gene matrices too big for memory.
+
+The Python API is the product; the ``bigcat`` command line is a thin shell over it.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from bigcat.cluster import connect
+from bigcat.convert import convert
+from bigcat.dataset import open_dataset, to_anndata
+from bigcat.errors import BigcatError, BigcatFormatError, BigcatInputError
+from bigcat.sample import sample
+from bigcat.synth import synth
+
+try:
+    __version__ = version("bigcat")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BigcatError",
+    "BigcatFormatError",
+    "BigcatInputError",
+    "__version__",
+    "connect",
+    "convert",
+    "open_dataset",
+    "sample",
+    "synth",
+    "to_anndata",
+]

@@ -1,0 +1,155 @@
+"""The ``bigcat`` command line: parses options, calls the Python API, reports errors.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="bigcat",
+    help="Out-of-core tools for cell-by-gene matrices: synth, convert, sample, open.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("bigcat")
+_state = {"debug": False}
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only one bigcat wrote).")]
+
+
+def _progress(quiet: bool) -> bool | None:
+    return False if quiet else None
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is done.")] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="bigcat: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Argument(help="OUT.h5ad or OUT.zarr")],
+    cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 20_000,
+    genes: Annotated[int, typer.Option("--genes", help="Number of genes.")] = 32_285,
+    clusters: Annotated[int, typer.Option("--clusters", help="Number of clusters.")] = 50,
+    nnz_per_cell: Annotated[int, typer.Option("--nnz-per-cell", help="Mean non-zeros per cell.")] = 2500,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same file contents).")] = 0,
+    layout: Annotated[str, typer.Option("--layout", help="Zarr layout: sparse or dense.")] = "sparse",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a synthetic atlas of raw counts (negative binomial, marker genes, skewed clusters)."""
+    from bigcat.synth import synth as run
+
+    path = run(output, n_cells=cells, n_genes=genes, n_clusters=clusters, nnz_per_cell=nnz_per_cell, seed=seed,
+               layout=layout, overwrite=overwrite, progress=_progress(quiet))
+    typer.echo(f"wrote {path}: {cells} cells × {genes} genes, {clusters} clusters")
+
+
+@app.command()
+def convert(
+    input: Annotated[Path, typer.Argument(help="IN.h5ad (or an AnnData Zarr store)")],  # noqa: A002
+    output: Annotated[Path, typer.Argument(help="OUT.zarr")],
+    layout: Annotated[str, typer.Option("--layout", help="sparse (AnnData encoding) or dense (xarray).")] = "sparse",
+    chunk_cells: Annotated[Optional[int], typer.Option("--chunk-cells", help="Rows per dense chunk (8000).")] = None,  # noqa: UP045
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory."""
+    from bigcat.convert import convert as run
+
+    path = run(input, output, layout=layout, chunk_cells=chunk_cells, overwrite=overwrite, progress=_progress(quiet))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def sample(
+    input: Annotated[Path, typer.Argument(help="IN.h5ad or IN.zarr")],  # noqa: A002
+    output: Annotated[Path, typer.Argument(help="OUT.h5ad or OUT.zarr")],
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Keep sqrt(F) of cells and of genes.")] = None,  # noqa: UP045
+    cells: Annotated[Optional[float], typer.Option("--cells", help="Fraction of cells to keep.")] = None,  # noqa: UP045
+    genes: Annotated[Optional[float], typer.Option("--genes", help="Fraction of genes to keep.")] = None,  # noqa: UP045
+    n_cells: Annotated[Optional[int], typer.Option("--n-cells", help="Number of cells to keep.")] = None,  # noqa: UP045
+    max_cells_per_cluster: Annotated[
+        Optional[int], typer.Option("--max-cells-per-cluster", help="At most N cells per --by group.")  # noqa: UP045
+    ] = None,
+    by: Annotated[str, typer.Option("--by", help="obs column for --max-cells-per-cluster.")] = "cluster",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    layout: Annotated[str, typer.Option("--layout", help="Zarr layout of the output.")] = "sparse",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a random subset of cells and genes, without loading the matrix."""
+    from bigcat.sample import sample as run
+
+    path = run(input, output, fraction=fraction, cells=cells, genes=genes, n_cells=n_cells,
+               max_cells_per_cluster=max_cells_per_cluster, by=by, seed=seed, layout=layout, overwrite=overwrite,
+               progress=_progress(quiet))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("open")
+def open_(
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Files to open as data1 … dataN.")] = None,  # noqa: UP045
+    cluster: Annotated[str, typer.Option("--cluster", help="local, threads or sync.")] = "local",
+    command: Annotated[Optional[str], typer.Option("--command", "-c", help="Run this code and exit.")] = None,  # noqa: UP045
+) -> None:
+    """An interactive Python shell with the datasets opened and a Dask client ready."""
+    from bigcat.shell import open_shell
+
+    open_shell(paths or [], cluster=cluster, command=command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (errors as one line on stderr, tracebacks with --debug)."""
+    import click
+
+    from bigcat.errors import BigcatError
+
+    argv = sys.argv[1:] if argv is None else argv
+    _state["debug"] = "--debug" in argv
+    try:
+        app(args=argv, prog_name="bigcat", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return 2
+    except click.exceptions.Abort:
+        typer.echo("bigcat: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("bigcat: interrupted", err=True)
+        return 130
+    except BigcatError as error:
+        if _state["debug"]:
+            raise
+        typer.echo(f"bigcat: error: {error}", err=True)
+        return error.exit_code
+    except (OSError, RuntimeError, MemoryError) as error:
+        if _state["debug"]:
+            raise
+        typer.echo(f"bigcat: error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+def entry_point() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Progress bars that show on a terminal and stay quiet elsewhere."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+__all__ = ["progress_bar"]
+
+
+@contextmanager
+def progress_bar(*, total: int | None, unit: str, desc: str, enabled: bool | None = None) -> Iterator[tqdm]:
+    """A tqdm bar (rate and ETA) on stderr.
+
+    Parameters
+    ----------
+    total
+        Number of units expected, or ``None`` when unknown.
+    unit
+        What is counted (``"cells"``).
+    desc
+        Label shown before the bar.
+    enabled
+        ``True``/``False`` force the bar on/off; ``None`` shows it only when stderr is a terminal.
+    """
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    bar = tqdm(total=total, unit=unit, desc=desc, disable=not enabled, unit_scale=True, dynamic_ncols=True,
+               file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()

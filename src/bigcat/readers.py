@@ -1,0 +1,462 @@
+"""Reading cell-by-gene matrices lazily from ``.h5ad`` files and bigcat/AnnData Zarr stores.
+
+A :class:`MatrixSource` knows the shape, dtype and on-disk encoding of ``X`` (CSR, CSC
+or dense), reads its obs/var annotations, and reads row (or column) ranges without ever
+loading the whole matrix. It validates the sparse structure as it reads (anndata does
+not, and silently returns wrong numbers for corrupt files). Sources pickle: they hold a
+path, not an open file, so Dask workers can reopen them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from bigcat.errors import (
+    BigcatFormatError,
+    BigcatInputError,
+    BigcatStoreIncompleteError,
+    CorruptMatrixError,
+    InputNotFoundError,
+)
+from bigcat.store import MARKER_KEY, _native, read_marker
+
+__all__ = ["MatrixSource", "block_bounds", "open_source"]
+
+log = logging.getLogger("bigcat")
+
+#: default number of stored values read per row block (64 MB of float32 + indices)
+BLOCK_NNZ = 8_000_000
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def block_bounds(indptr: np.ndarray, max_nnz: int, max_rows: int | None = None) -> np.ndarray:
+    """Row-block boundaries so each block holds at most ``max_nnz`` values (and ``max_rows`` rows).
+
+    A single row with more than ``max_nnz`` values forms a block of its own. Returns
+    ``[0, b1, …, n_rows]``.
+    """
+    n_rows = len(indptr) - 1
+    if n_rows <= 0:
+        return np.array([0, 0], dtype=np.int64) if n_rows == 0 else np.array([0], dtype=np.int64)
+    bounds = [0]
+    start = 0
+    while start < n_rows:
+        target = indptr[start] + max_nnz
+        stop = int(np.searchsorted(indptr, target, side="right")) - 1
+        stop = max(stop, start + 1)
+        if max_rows is not None:
+            stop = min(stop, start + max_rows)
+        stop = min(stop, n_rows)
+        bounds.append(stop)
+        start = stop
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def _kind_of_path(path: Path) -> str:
+    if path.is_dir():
+        if (path / "zarr.json").is_file() or (path / ".zgroup").is_file():
+            return "zarr"
+        msg = f"{path}: is a folder but not a Zarr store (no zarr.json or .zgroup)"
+        raise BigcatFormatError(msg)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head == HDF5_SIGNATURE:
+        return "h5ad"
+    if suffix in (".h5ad", ".h5"):
+        msg = f"{path}: not an HDF5 file (bad signature); is it truncated or mislabelled?"
+        raise BigcatFormatError(msg)
+    msg = f"{path}: unknown file type {suffix or '(no extension)'!r}; bigcat reads .h5ad, .zarr and .parquet"
+    raise BigcatFormatError(msg)
+
+
+def open_source(path: str | os.PathLike, *, require_marker: bool = True) -> MatrixSource:
+    """Open the matrix stored at ``path`` (``.h5ad`` or a Zarr store) for lazy reading.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file, a bigcat Zarr store (either layout) or an AnnData Zarr store.
+    require_marker
+        Refuse Zarr stores without bigcat's completion marker (default). AnnData Zarr
+        stores written by other tools carry none; pass ``False`` to read them anyway.
+
+    Raises
+    ------
+    InputNotFoundError, BigcatFormatError, BigcatStoreIncompleteError, CorruptMatrixError
+    """
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: no such file or directory"
+        raise InputNotFoundError(msg)
+    kind = _kind_of_path(path)
+    if kind == "h5ad":
+        return MatrixSource(path, "h5ad")
+    if kind == "zarr":
+        marker = read_marker(path)
+        if marker is not None and not marker.get("complete"):
+            msg = f"{path}: incomplete store (its writer never finished); convert again"
+            raise BigcatStoreIncompleteError(msg)
+        if marker is None and require_marker:
+            msg = (f"{path}: not a complete bigcat store (no completion marker); if another tool wrote this "
+                   "AnnData Zarr store, convert it with `bigcat convert` or pass require_marker=False")
+            raise BigcatStoreIncompleteError(msg)
+        if marker is not None and marker.get("layout") == "dense":
+            return MatrixSource(path, "zarr-dense")
+        return MatrixSource(path, "zarr")
+    msg = f"{path}: a {kind} file holds no matrix"
+    raise BigcatFormatError(msg)
+
+
+class MatrixSource:
+    """Lazy access to ``X`` and the annotations of one file (see :func:`open_source`)."""
+
+    def __init__(self, path: Path, container: str) -> None:
+        self.path = Path(path)
+        self.container = container  # "h5ad", "zarr" (AnnData encoding) or "zarr-dense" (xarray layout)
+        self._handle: Any = None
+        self._describe()
+
+    # -- pickling: a path, never an open file --------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        for key in ("indptr",):
+            state.pop(key, None)
+        return state
+
+    def _root(self) -> Any:
+        if self._handle is None:
+            if self.container == "h5ad":
+                import h5py
+
+                try:
+                    self._handle = h5py.File(self.path, "r")
+                except OSError as error:
+                    msg = f"{self.path}: cannot be read as HDF5 ({error}); is it truncated?"
+                    raise BigcatFormatError(msg) from error
+            else:
+                import zarr
+
+                self._handle = zarr.open_group(str(self.path), mode="r")
+        return self._handle
+
+    def close(self) -> None:
+        """Close the open file handle, if any."""
+        if self._handle is not None and self.container == "h5ad":
+            with contextlib.suppress(Exception):
+                self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> MatrixSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what X is ------------------------------------------------------------------------
+    def _describe(self) -> None:
+        root = self._root()
+        if self.container == "zarr-dense":
+            x = root["X"]
+            self.encoding = "dense"
+            self.shape = tuple(int(s) for s in x.shape)
+            self.dtype = np.dtype(x.dtype)
+            return
+        if "X" not in root:
+            self._explain_missing_x(root)
+        x = root["X"]
+        if _is_array(x):
+            if len(x.shape) != 2:
+                msg = f"{self.path}: X has {len(x.shape)} dimensions, expected 2"
+                raise BigcatFormatError(msg)
+            self.encoding = "dense"
+            self.shape = tuple(int(s) for s in x.shape)
+            self.dtype = np.dtype(x.dtype).newbyteorder("=")
+            return
+        attrs = dict(x.attrs)
+        kind = attrs.get("encoding-type") or (f"{attrs['h5sparse_format']}_matrix" if "h5sparse_format" in attrs
+                                              else None)
+        shape = attrs.get("shape", attrs.get("h5sparse_shape"))
+        if kind not in ("csr_matrix", "csc_matrix") or shape is None:
+            msg = f"{self.path}: X has unsupported encoding {kind!r}; expected a CSR/CSC matrix or a dense array"
+            raise BigcatFormatError(msg)
+        for name in ("data", "indices", "indptr"):
+            if name not in x:
+                msg = f"{self.path}: X/{name} is missing"
+                raise CorruptMatrixError(msg)
+        self.encoding = kind[:3]
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(x["data"].dtype).newbyteorder("=")
+        if x["data"].shape != x["indices"].shape:
+            msg = (f"{self.path}: X/data has {x['data'].shape[0]} values but X/indices has "
+                   f"{x['indices'].shape[0]}")
+            raise CorruptMatrixError(msg)
+
+    def _explain_missing_x(self, root: Any) -> None:
+        if "obs" in root or "var" in root:
+            msg = f"{self.path}: has no X matrix (an AnnData file with annotations only)"
+        elif "matrix" in root and "barcodes" in root["matrix"]:
+            msg = (f"{self.path}: is a 10x Genomics .h5 file, not AnnData; read it with scanpy.read_10x_h5 and "
+                   "write it with .write_h5ad first")
+        else:
+            msg = f"{self.path}: is not an AnnData file (no X, obs or var); top-level entries: {sorted(root)[:8]}"
+        raise BigcatFormatError(msg)
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (for dense X: the number of elements)."""
+        if self.encoding == "dense":
+            return self.shape[0] * self.shape[1]
+        return int(self._root()["X"]["data"].shape[0])
+
+    @property
+    def major_length(self) -> int:
+        return self.shape[0] if self.encoding == "csr" else self.shape[1]
+
+    @cached_property
+    def indptr(self) -> np.ndarray:
+        """The validated (int64) pointer array of a CSR/CSC X."""
+        raw = self._root()["X"]["indptr"]
+        indptr = np.asarray(raw[...]).astype(np.int64)
+        n = self.major_length
+        where = f"{self.path}: X/indptr"
+        if len(indptr) != n + 1:
+            msg = f"{where} has {len(indptr)} entries, expected {n + 1} for shape {self.shape}"
+            raise CorruptMatrixError(msg)
+        if n >= 0 and indptr[0] != 0:
+            msg = f"{where} starts at {indptr[0]}, not 0"
+            raise CorruptMatrixError(msg)
+        steps = np.diff(indptr)
+        if (steps < 0).any():
+            bad = int(np.flatnonzero(steps < 0)[0])
+            msg = f"{where} is not monotone (decreases after entry {bad})"
+            raise CorruptMatrixError(msg)
+        if indptr[-1] != self.nnz:
+            msg = f"{where} ends at {indptr[-1]} but X/data has {self.nnz} values"
+            raise CorruptMatrixError(msg)
+        return indptr
+
+    # -- annotations ------------------------------------------------------------------------
+    @cached_property
+    def obs(self) -> pd.DataFrame:
+        """Cell annotations (one row per cell, index = cell names)."""
+        return self._frame("obs", self.shape[0])
+
+    @cached_property
+    def var(self) -> pd.DataFrame:
+        """Gene annotations (one row per gene, index = gene names)."""
+        return self._frame("var", self.shape[1])
+
+    def _frame(self, key: str, length: int) -> pd.DataFrame:
+        if self.container == "zarr-dense":
+            return _frame_from_xarray(self.path, key)
+        root = self._root()
+        if key not in root:
+            frame = pd.DataFrame(index=pd.RangeIndex(length).astype(str))
+        elif _is_array(root[key]):  # anndata < 0.7: a compound dataset, categories in uns
+            frame = self._legacy_frame(key)
+        else:
+            from anndata.io import read_elem
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                frame = read_elem(root[key])
+        if len(frame) != length:
+            msg = f"{self.path}: {key} has {len(frame)} rows but X has {length}"
+            raise BigcatFormatError(msg)
+        return frame
+
+    def _legacy_frame(self, key: str) -> pd.DataFrame:
+        import anndata as ad
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adata = ad.read_h5ad(self.path, backed="r")
+            try:
+                return getattr(adata, key).copy()
+            finally:
+                adata.file.close()
+
+    @cached_property
+    def uns(self) -> dict:
+        """Unstructured annotations (read fully; usually small)."""
+        root = self._root()
+        if self.container == "zarr-dense" or "uns" not in root or _is_array(root["uns"]):
+            return {}
+        from anndata.io import read_elem
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return dict(read_elem(root["uns"]))
+            except Exception as error:  # noqa: BLE001 - old or exotic uns must not stop a conversion
+                log.warning("%s: uns not readable (%s); leaving it out", self.path, error)
+                return {}
+
+    # -- reading X ----------------------------------------------------------------------------
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as CSR (CSR or dense X; a CSC X must be read by columns)."""
+        x = self._root()["X"]
+        if self.encoding == "dense":
+            block = _native(np.asarray(x[start:stop]))
+            return sp.csr_matrix(block)
+        if self.encoding != "csr":
+            msg = f"{self.path}: X is CSC; read it by columns or with iter_row_blocks"
+            raise BigcatInputError(msg)
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        data = _native(np.asarray(x["data"][lo:hi]))
+        indices = _native(np.asarray(x["indices"][lo:hi]))
+        self._check_indices(indices, self.shape[1], lo)
+        return sp.csr_matrix((data, indices, self.indptr[start : stop + 1] - lo), shape=(stop - start, self.shape[1]))
+
+    def read_columns(self, start: int, stop: int) -> sp.csc_matrix:
+        """Columns ``start:stop`` as CSC (CSC or dense X)."""
+        x = self._root()["X"]
+        if self.encoding == "dense":
+            return sp.csc_matrix(_native(np.asarray(x[:, start:stop])))
+        if self.encoding != "csc":
+            msg = f"{self.path}: X is CSR; read it by rows"
+            raise BigcatInputError(msg)
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        data = _native(np.asarray(x["data"][lo:hi]))
+        indices = _native(np.asarray(x["indices"][lo:hi]))
+        self._check_indices(indices, self.shape[0], lo)
+        return sp.csc_matrix((data, indices, self.indptr[start : stop + 1] - lo), shape=(self.shape[0], stop - start))
+
+    def _check_indices(self, indices: np.ndarray, bound: int, offset: int) -> None:
+        if len(indices) and (indices.min() < 0 or indices.max() >= bound):
+            bad = int(np.flatnonzero((indices < 0) | (indices >= bound))[0]) + offset
+            msg = f"{self.path}: X/indices[{bad}] = {indices[bad - offset]} is out of range [0, {bound})"
+            raise CorruptMatrixError(msg)
+
+    def row_bounds(self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None) -> np.ndarray:
+        """Row-block boundaries of about ``max_nnz`` stored values each (CSR or dense X)."""
+        if self.encoding == "csr":
+            return block_bounds(self.indptr, max_nnz, max_rows)
+        rows = max(1, max_nnz // max(self.shape[1], 1))
+        if max_rows is not None:
+            rows = min(rows, max_rows)
+        return np.unique(np.r_[np.arange(0, self.shape[0], rows), self.shape[0]]).astype(np.int64)
+
+    def iter_row_blocks(self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None
+                        ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """Yield ``(start, stop, csr_block)`` covering all rows in order, in bounded memory.
+
+        A CSC X is transposed through row buckets on a temporary disk: one pass counts
+        the values per row, a second scatters column batches into per-bucket files, then
+        each bucket is assembled; time and temporary disk are O(nnz), memory O(max_nnz).
+        """
+        if self.encoding == "csc":
+            yield from self._csc_row_blocks(max_nnz, max_rows)
+            return
+        bounds = self.row_bounds(max_nnz, max_rows)
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            yield int(start), int(stop), self.read_rows(int(start), int(stop))
+
+    def _csc_row_blocks(self, max_nnz: int, max_rows: int | None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        n_rows, n_cols = self.shape
+        col_bounds = block_bounds(self.indptr, max_nnz)
+        indices = self._root()["X"]["indices"]
+        row_counts = np.zeros(n_rows, dtype=np.int64)
+        for lo, hi in zip(col_bounds[:-1], col_bounds[1:], strict=True):
+            chunk = _native(np.asarray(indices[self.indptr[lo] : self.indptr[hi]]))
+            self._check_indices(chunk, n_rows, int(self.indptr[lo]))
+            row_counts += np.bincount(chunk, minlength=n_rows)
+        row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(row_counts, out=row_ptr[1:])
+        bounds = block_bounds(row_ptr, max_nnz, max_rows)
+        with tempfile.TemporaryDirectory(prefix="bigcat-transpose-") as tmp:
+            files = [
+                {name: Path(tmp, f"{b}.{name}").open("wb") for name in ("row", "col", "data")}
+                for b in range(len(bounds) - 1)
+            ]
+            try:
+                for lo, hi in zip(col_bounds[:-1], col_bounds[1:], strict=True):
+                    piece = self.read_columns(int(lo), int(hi)).tocsr()
+                    for b, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                        part = piece[r0:r1].tocoo()
+                        files[b]["row"].write(part.row.astype(np.int64).tobytes())
+                        files[b]["col"].write((part.col.astype(np.int64) + lo).tobytes())
+                        files[b]["data"].write(part.data.astype(self.dtype).tobytes())
+            finally:
+                for handles in files:
+                    for handle in handles.values():
+                        handle.close()
+            for b, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                row = np.fromfile(Path(tmp, f"{b}.row"), dtype=np.int64)
+                col = np.fromfile(Path(tmp, f"{b}.col"), dtype=np.int64)
+                data = np.fromfile(Path(tmp, f"{b}.data"), dtype=self.dtype)
+                order = np.argsort(row, kind="stable")  # columns stay ascending within a row
+                block = sp.csr_matrix(
+                    (data[order], col[order].astype(np.int32 if n_cols < 2**31 else np.int64),
+                     row_ptr[r0 : r1 + 1] - row_ptr[r0]),
+                    shape=(int(r1 - r0), n_cols),
+                )
+                for name in ("row", "col", "data"):
+                    Path(tmp, f"{b}.{name}").unlink()
+                yield int(r0), int(r1), block
+
+    # -- identity -------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What identifies this input: path, size, mtime, shape, and a hash of its first and last MB."""
+        stat = self.path.stat()
+        digest = hashlib.blake2b(digest_size=16)
+        if self.path.is_file():
+            with self.path.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+                if stat.st_size > 2 << 20:
+                    handle.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(handle.read(1 << 20))
+        else:
+            for meta in sorted(self.path.rglob("zarr.json"))[:64]:
+                digest.update(meta.read_bytes())
+        return {
+            "path": str(self.path.resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "shape": list(self.shape),
+            "nnz": self.nnz,
+            "blake2b": digest.hexdigest(),
+        }
+
+
+def _is_array(node: Any) -> bool:
+    return hasattr(node, "shape") and hasattr(node, "dtype")
+
+
+def _frame_from_xarray(path: Path, key: str) -> pd.DataFrame:
+    """obs or var of a dense-layout store, with original column names and categoricals restored."""
+    import xarray as xr
+
+    from bigcat.store import COLUMNS_KEY
+
+    ds = xr.open_zarr(str(path), consolidated=True)
+    dim = "cell" if key == "obs" else "gene"
+    mapping = ds.attrs.get(COLUMNS_KEY, {}).get(key)
+    if mapping is None:  # not written by bigcat: every 1-D coordinate on the dimension
+        mapping = {name: name for name, coord in ds.coords.items() if name != dim and coord.dims == (dim,)}
+    columns = {}
+    for original, name in mapping.items():
+        coord = ds.coords[name]
+        values = coord.values
+        categorical = coord.attrs.get("categorical")
+        if categorical is not None:
+            values = pd.Categorical(values, categories=categorical["categories"], ordered=categorical["ordered"])
+        columns[original] = values
+    return pd.DataFrame(columns, index=pd.Index(ds[dim].values.astype(str), dtype=object))
