@@ -111,9 +111,13 @@ def open_dataset(
             raise BigcatFormatError(msg) from error
     source = open_source(path, require_marker=require_marker)
     if source.container == "zarr-dense":
-        ds = xr.open_zarr(str(path), consolidated=True)
         source.close()
-        return ds
+        ds = xr.open_zarr(str(path), consolidated=True)
+        # Zarr v3 strings arrive as NumPy's StringDType; use object arrays like the sparse path
+        # 1-D annotations are small: load them, and turn Zarr v3 strings (NumPy's StringDType)
+        # into object arrays, so the Dataset looks like the one from a sparse source
+        return ds.assign_coords({name: coord.copy(data=_object_strings(coord.values))
+                                 for name, coord in ds.coords.items() if name != "X"})
     n_cells, n_genes = source.shape
     if source.encoding == "csr":
         bounds = source.row_bounds(chunk_nnz)
@@ -143,6 +147,10 @@ def open_dataset(
     }
     return xr.Dataset({"X": (("cell", "gene"), x)}, coords=coords,
                       attrs={"source": str(path), "encoding": source.encoding})
+
+
+def _object_strings(values: np.ndarray) -> np.ndarray:
+    return values.astype(object) if values.dtype.kind in ("T", "U") else values
 
 
 def _token(source: MatrixSource) -> str:
@@ -177,10 +185,10 @@ def to_anndata(ds: Any) -> Any:
         for name, coord in ds.coords.items():
             if name == dim or coord.dims != (dim,):
                 continue
-            values = coord.values
+            values = _object_strings(coord.values)
             categorical = coord.attrs.get("categorical")
             if categorical is not None:
                 values = pd.Categorical(values, categories=categorical["categories"], ordered=categorical["ordered"])
             columns[name] = values
-        frames[dim] = pd.DataFrame(columns, index=pd.Index(ds[dim].values.astype(str), dtype=object))
+        frames[dim] = pd.DataFrame(columns, index=pd.Index(_object_strings(ds[dim].values), dtype=object))
     return ad.AnnData(X=x, obs=frames["cell"], var=frames["gene"])

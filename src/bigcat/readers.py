@@ -455,8 +455,10 @@ def _frame_from_xarray(path: Path, key: str) -> pd.DataFrame:
     for original, name in mapping.items():
         coord = ds.coords[name]
         values = coord.values
+        if values.dtype.kind in ("T", "U"):
+            values = values.astype(object)
         categorical = coord.attrs.get("categorical")
         if categorical is not None:
             values = pd.Categorical(values, categories=categorical["categories"], ordered=categorical["ordered"])
         columns[original] = values
-    return pd.DataFrame(columns, index=pd.Index(ds[dim].values.astype(str), dtype=object))
+    return pd.DataFrame(columns, index=pd.Index(ds[dim].values.astype(object), dtype=object))

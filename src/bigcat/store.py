@@ -261,19 +261,27 @@ class _GrowingArray:
 
 
 def _write_anndata_elements(group: Any, obs: pd.DataFrame, var: pd.DataFrame, uns: Mapping) -> None:
-    """obs, var, uns and the empty AnnData slots, encoded by anndata itself."""
+    """obs, var, uns and the empty AnnData slots, encoded by anndata itself.
+
+    ``uns`` is copied entry by entry, best effort: an entry anndata cannot write (exotic
+    objects in very old files) is left out with a warning instead of failing the run.
+    """
     import anndata as ad
     from anndata.io import write_elem
 
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        warnings.simplefilter("ignore")  # zarr's notes on v3 dtypes/autosharding: nothing for users to act on
         with ad.settings.override(zarr_write_format=3) if _is_zarr(group) else contextlib.nullcontext():
             write_elem(group, "obs", obs)
             write_elem(group, "var", var)
-            write_elem(group, "uns", dict(uns))
-            for slot in ("obsm", "varm", "obsp", "varp", "layers"):
+            for slot in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
                 write_elem(group, slot, {})
+            for key, value in uns.items():
+                try:
+                    write_elem(group["uns"], str(key), value)
+                except Exception as error:  # noqa: BLE001 - uns must not stop a conversion
+                    log.warning("uns[%r] not copied: %s", key, error)
 
 
 def _is_zarr(group: Any) -> bool:

@@ -1,0 +1,72 @@
+"""Shared fixtures: small synthetic atlases in every X encoding, and the old-anndata archives."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import bigcat
+
+DATA = Path(__file__).parent / "data"
+ARCHIVES = DATA / "anndata-archives"
+
+
+@pytest.fixture(scope="session")
+def atlas_h5ad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic atlas written by bigcat synth (CSR counts)."""
+    path = tmp_path_factory.mktemp("atlas") / "atlas.h5ad"
+    bigcat.synth(path, n_cells=3000, n_genes=1500, n_clusters=12, nnz_per_cell=150, seed=7, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def atlas(atlas_h5ad: Path) -> ad.AnnData:
+    """The same atlas, read into memory by anndata (the independent reference)."""
+    return ad.read_h5ad(atlas_h5ad)
+
+
+@pytest.fixture(scope="session")
+def encodings(atlas: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The atlas written by anndata with X as CSR, CSC, dense, int64 and big-endian float64."""
+    folder = tmp_path_factory.mktemp("encodings")
+    out = {}
+    variants = {
+        "csr": atlas.X.tocsr(),
+        "csc": atlas.X.tocsc(),
+        "dense": atlas.X.toarray(),
+        "int64": atlas.X.astype(np.int64),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, x in variants.items():
+            path = folder / f"{name}.h5ad"
+            ad.AnnData(X=x, obs=atlas.obs, var=atlas.var).write_h5ad(path)
+            out[name] = path
+    # big-endian float64 written by hand (anndata always writes native order)
+    import h5py
+
+    path = folder / "bigendian.h5ad"
+    ad.AnnData(obs=atlas.obs, var=atlas.var).write_h5ad(path)
+    csr = sp.csr_matrix(atlas.X, dtype=np.float64)
+    with h5py.File(path, "a") as f:
+        g = f.create_group("X")
+        g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array(csr.shape)})
+        g.create_dataset("data", data=csr.data.astype(">f8"))
+        g.create_dataset("indices", data=csr.indices.astype(">i4"))
+        g.create_dataset("indptr", data=csr.indptr.astype(">i8"))
+    out["bigendian"] = path
+    return out
+
+
+def dense(x) -> np.ndarray:
+    """Any matrix (SciPy, pydata-sparse, NumPy) as a dense NumPy array."""
+    if hasattr(x, "toarray"):
+        return np.asarray(x.toarray())
+    if hasattr(x, "todense"):
+        return np.asarray(x.todense())
+    return np.asarray(x)

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import bigcat
+from bigcat.errors import (
+    BigcatFormatError,
+    BigcatOutputExistsError,
+    BigcatStoreIncompleteError,
+    CorruptMatrixError,
+    InputNotFoundError,
+)
+from conftest import ARCHIVES, dense
+
+
+def read_back(path: Path) -> ad.AnnData:
+    """Read a converted store independently of bigcat where possible."""
+    ds = bigcat.open_dataset(path)
+    if bigcat.store.read_marker(path)["layout"] == "sparse":
+        return ad.read_zarr(path)  # anndata's own reader
+    return bigcat.to_anndata(ds)
+
+
+@pytest.mark.parametrize("encoding", ["csr", "csc", "dense", "int64", "bigendian"])
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
+def test_round_trip_exact(encoding, layout, encodings, atlas, tmp_path):
+    out = tmp_path / "out.zarr"
+    # small blocks so that many blocks (and for CSC many buckets) are exercised
+    bigcat.convert(encodings[encoding], out, layout=layout, block_nnz=20_000, chunk_cells=700, progress=False)
+    back = read_back(out)
+    expected = dense(atlas.X)
+    np.testing.assert_array_equal(dense(back.X), expected)
+    assert list(back.obs_names) == list(atlas.obs_names)
+    assert list(back.var_names) == list(atlas.var_names)
+    pd.testing.assert_series_equal(back.obs["cluster"], atlas.obs["cluster"], check_names=False)
+    if encoding == "int64":
+        assert dense(back.X).dtype == np.int64
+    if layout == "sparse":
+        z = ad.read_zarr(out)
+        assert sp.issparse(z.X) and z.X.format == "csr"
+
+
+def test_sparse_store_layout(atlas_h5ad, tmp_path):
+    import zarr
+
+    out = bigcat.convert(atlas_h5ad, tmp_path / "a.zarr", progress=False)
+    root = zarr.open_group(str(out), mode="r")
+    assert root.metadata.zarr_format == 3
+    assert root["X"].attrs["encoding-type"] == "csr_matrix"
+    assert root["X"]["indptr"].dtype == np.int64
+    assert root["X"]["data"].shards is not None  # sharded: few files
+    marker = json.loads((out / "zarr.json").read_text())["attributes"]["bigcat"]
+    assert marker["complete"] is True
+    assert marker["source"]["input"]["shape"] == [3000, 1500]
+    assert json.loads((out / "zarr.json").read_text())["consolidated_metadata"] is not None
+    assert sum(1 for p in (out / "X").rglob("*") if p.is_file()) <= 8  # data, indices, indptr: 1 shard + metadata
+    assert sum(1 for p in out.rglob("*") if p.is_file()) < 60
+
+
+@pytest.mark.parametrize("version", ["v0.5.0", "v0.7.0", "v0.7.8"])
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
+def test_old_anndata_files_convert(version, layout, tmp_path):
+    source = ARCHIVES / version / "adata.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ad.read_h5ad(source)
+    out = bigcat.convert(source, tmp_path / "old.zarr", layout=layout, progress=False)
+    back = read_back(out)
+    np.testing.assert_array_equal(dense(back.X), dense(expected.X))
+    assert list(back.obs_names) == list(expected.obs_names)
+    for column in expected.obs.columns:
+        left, right = back.obs[column], expected.obs[column]
+        if isinstance(right.dtype, pd.CategoricalDtype):
+            assert list(left.cat.categories) == list(right.cat.categories)
+            assert left.cat.ordered == right.cat.ordered
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+def test_pbmc_clusters_survive(tmp_path):
+    out = bigcat.convert(ARCHIVES / "v0.5.0" / "adata.h5ad", tmp_path / "pbmc.zarr", progress=False)
+    ds = bigcat.open_dataset(out)
+    assert ds.sizes == {"cell": 700, "gene": 765}
+    assert "CD14+ Monocyte" in set(ds["bulk_labels"].values)
+
+
+def test_file_without_x_fails_clearly(tmp_path):
+    with pytest.raises(BigcatFormatError, match="has no X matrix"):
+        bigcat.convert(ARCHIVES / "v0.11.4" / "adata.h5ad", tmp_path / "x.zarr")
+    assert not (tmp_path / "x.zarr").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_non_hdf5_inputs(tmp_path):
+    with pytest.raises(InputNotFoundError, match="no such file"):
+        bigcat.convert(tmp_path / "nope.h5ad", tmp_path / "x.zarr")
+    fake = tmp_path / "fake.h5ad"
+    fake.write_text("not hdf5")
+    with pytest.raises(BigcatFormatError, match="not an HDF5 file"):
+        bigcat.convert(fake, tmp_path / "x.zarr")
+
+
+def test_existing_output_is_refused(atlas_h5ad, tmp_path):
+    out = bigcat.convert(atlas_h5ad, tmp_path / "a.zarr", progress=False)
+    with pytest.raises(BigcatOutputExistsError, match="output exists"):
+        bigcat.convert(atlas_h5ad, out, progress=False)
+    bigcat.convert(atlas_h5ad, out, layout="dense", overwrite=True, progress=False)
+    assert bigcat.store.read_marker(out)["layout"] == "dense"
+    foreign = tmp_path / "mine.zarr"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(BigcatOutputExistsError, match="not a store bigcat wrote"):
+        bigcat.convert(atlas_h5ad, foreign, overwrite=True, progress=False)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_missing_output_folder(atlas_h5ad, tmp_path):
+    with pytest.raises(bigcat.BigcatInputError, match="does not exist"):
+        bigcat.convert(atlas_h5ad, tmp_path / "no" / "a.zarr")
+
+
+def _corrupt_copy(source: Path, target: Path, element: str, values: np.ndarray) -> Path:
+    import shutil
+
+    shutil.copy(source, target)
+    with h5py.File(target, "a") as f:
+        del f["X"][element]
+        f["X"].create_dataset(element, data=values)
+    return target
+
+
+def test_corrupt_sparse_structure_is_refused(encodings, tmp_path):
+    with h5py.File(encodings["csr"]) as f:
+        indptr, indices = f["X"]["indptr"][:], f["X"]["indices"][:]
+    bad = indptr.copy()
+    bad[5], bad[6] = bad[6], bad[5] - 1
+    path = _corrupt_copy(encodings["csr"], tmp_path / "a.h5ad", "indptr", bad)
+    with pytest.raises(CorruptMatrixError, match=r"X/indptr is not monotone"):
+        bigcat.convert(path, tmp_path / "a.zarr")
+    path = _corrupt_copy(encodings["csr"], tmp_path / "b.h5ad", "indptr", indptr[:-1].tolist() + [indptr[-1] - 3])
+    with pytest.raises(CorruptMatrixError, match=r"ends at .* but X/data has"):
+        bigcat.convert(path, tmp_path / "b.zarr")
+    wild = indices.copy()
+    wild[len(wild) // 2] = 10**6
+    path = _corrupt_copy(encodings["csr"], tmp_path / "c.h5ad", "indices", wild)
+    with pytest.raises(CorruptMatrixError, match=r"X/indices\[\d+\] = 1000000 is out of range"):
+        bigcat.convert(path, tmp_path / "c.zarr")
+    assert not any(p.suffix == ".zarr" for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
+
+
+def test_killed_conversion_leaves_no_store(encodings, tmp_path):
+    out = tmp_path / "killed.zarr"
+    script = (
+        "import bigcat, time\n"
+        "import bigcat.store as s\n"
+        "orig = s.SparseZarrWriter._write\n"
+        "def slow(self, block):\n"
+        "    orig(self, block); time.sleep(0.05)\n"
+        "s.SparseZarrWriter._write = slow\n"
+        f"bigcat.convert({str(encodings['csr'])!r}, {str(out)!r}, block_nnz=2000, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".killed.zarr.bigcat-tmp-*/X/data")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".killed.zarr.bigcat-tmp-*"))
+    assert len(leftovers) == 1
+    with pytest.raises(BigcatStoreIncompleteError, match="incomplete store"):
+        bigcat.open_dataset(leftovers[0])
+
+
+def test_store_without_marker_is_refused(atlas, tmp_path):
+    path = tmp_path / "plain.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        atlas.write_zarr(path)
+    with pytest.raises(BigcatStoreIncompleteError, match="no completion marker"):
+        bigcat.open_dataset(path)
+    ds = bigcat.open_dataset(path, require_marker=False)
+    np.testing.assert_array_equal(dense(ds.X.data.blocks[0].compute()), dense(atlas.X[: ds.X.data.chunks[0][0]]))
+    # and anndata-written Zarr converts to a bigcat store
+    out = bigcat.convert(path, tmp_path / "marked.zarr", progress=False)
+    np.testing.assert_array_equal(dense(ad.read_zarr(out).X), dense(atlas.X))
