@@ -38,8 +38,13 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="bigcat: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bigcat: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
     log.setLevel(level)
+    # an optional-package hint distributed logs when it starts a dashboard: noise for our users
+    logging.getLogger("distributed.http.proxy").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -118,7 +123,10 @@ def open_(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (errors as one line on stderr, tracebacks with --debug)."""
-    import click
+    try:  # recent typer vendors its own click
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click import ClickException
 
     from bigcat.errors import BigcatError
 
@@ -126,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     _state["debug"] = "--debug" in argv
     try:
         app(args=argv, prog_name="bigcat", standalone_mode=False)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.ClickException as error:
+    except ClickException as error:
         error.show()
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("bigcat: interrupted", err=True)
         return 130
     except KeyboardInterrupt:

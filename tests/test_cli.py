@@ -1,0 +1,98 @@
+"""The command line, run as users run it: through subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from conftest import ARCHIVES, dense
+
+
+def bigcat(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "bigcat", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, input=stdin, timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_synth_convert_sample_pipeline(tmp_path):
+    done = bigcat("synth", tmp_path / "a.h5ad", "--cells", 500, "--genes", 300, "--clusters", 4,
+                  "--nnz-per-cell", 40, "--seed", 1)
+    assert done.returncode == 0, done.stderr
+    assert "500 cells × 300 genes" in done.stdout
+    done = bigcat("convert", tmp_path / "a.h5ad", tmp_path / "a.zarr", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no progress bar when not on a terminal
+    src = ad.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(dense(ad.read_zarr(tmp_path / "a.zarr").X), dense(src.X))
+    done = bigcat("convert", tmp_path / "a.h5ad", tmp_path / "d.zarr", "--layout", "dense", "--chunk-cells", 100)
+    assert done.returncode == 0, done.stderr
+    done = bigcat("sample", tmp_path / "a.zarr", tmp_path / "s.h5ad", "--n-cells", 50, "--genes", 0.5, "--seed", 4)
+    assert done.returncode == 0, done.stderr
+    sub = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert sub.shape == (50, 150)
+    rows, cols = src.obs_names.get_indexer(sub.obs_names), src.var_names.get_indexer(sub.var_names)
+    np.testing.assert_array_equal(dense(sub.X), dense(src.X)[np.ix_(rows, cols)])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["convert", "missing.h5ad", "out.zarr"], "missing.h5ad: no such file or directory"),
+        (["convert", "fake.h5ad", "out.zarr"], "fake.h5ad: not an HDF5 file"),
+        (["convert", str(ARCHIVES / "v0.11.4" / "adata.h5ad"), "out.zarr"], "has no X matrix"),
+        (["convert", "in.h5ad", "exists.zarr"], "exists.zarr: output exists; pass --overwrite"),
+        (["convert", "in.h5ad", "out.txt"], "unknown output format '.txt'"),
+        (["sample", "in.h5ad", "o.h5ad", "--max-cells-per-cluster", "3", "--by", "nope"], "no obs column 'nope'"),
+        (["convert", "in.h5ad", "o.zarr", "--layout", "diagonal"], "unknown layout 'diagonal'"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(args, message, tmp_path):
+    (tmp_path / "fake.h5ad").write_text("hello")
+    assert bigcat("synth", tmp_path / "in.h5ad", "--cells", 50, "--genes", 40, "--clusters", 2,
+                  "--nnz-per-cell", 5).returncode == 0
+    assert bigcat("convert", tmp_path / "in.h5ad", tmp_path / "exists.zarr").returncode == 0
+    done = bigcat(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("bigcat: error: ") and message in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "o.zarr").exists()
+
+
+def test_usage_error_exit_code(tmp_path):
+    done = bigcat("convert")
+    assert done.returncode == 2
+    assert "Missing argument" in done.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    done = bigcat("--debug", "convert", tmp_path / "missing.h5ad", tmp_path / "o.zarr")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "InputNotFoundError" in done.stderr
+
+
+def test_open_runs_code_with_datasets_and_cluster(atlas_h5ad, tmp_path):
+    code = "print('SUM', float(data1.X.data.sum(axis=0).compute().sum()), type(client).__name__)"
+    done = bigcat("open", atlas_h5ad, "--cluster", "local", "-c", code, timeout=180)
+    assert done.returncode == 0, done.stderr
+    expected = float(ad.read_h5ad(atlas_h5ad).X.sum())
+    line = next(line for line in done.stdout.splitlines() if line.startswith("SUM"))
+    assert float(line.split()[1]) == pytest.approx(expected, rel=1e-6)
+    assert "Client" in line
+    assert "data1 = bigcat.open_dataset(" in done.stdout
+    assert "Dask dashboard: http://" in done.stdout
+
+
+def test_open_interactive_console_reads_stdin(atlas_h5ad):
+    done = bigcat("open", atlas_h5ad, "--cluster", "sync", stdin="print('SHAPE', data1.X.shape)\n")
+    assert done.returncode == 0, done.stderr
+    assert "SHAPE (3000, 1500)" in done.stdout

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import sparse
+
+import bigcat
+from bigcat.errors import BigcatFormatError, InputNotFoundError
+from conftest import dense
+
+
+@pytest.fixture(scope="module")
+def stores(atlas_h5ad, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stores")
+    return {
+        "h5ad": atlas_h5ad,
+        "sparse": bigcat.convert(atlas_h5ad, folder / "s.zarr", progress=False),
+        "dense": bigcat.convert(atlas_h5ad, folder / "d.zarr", layout="dense", progress=False),
+    }
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "sparse", "dense"])
+def test_same_dataset_whatever_the_layout(kind, stores, atlas):
+    ds = bigcat.open_dataset(stores[kind])
+    assert ds.X.dims == ("cell", "gene")
+    assert ds.sizes == {"cell": 3000, "gene": 1500}
+    assert set(ds.coords) == {"cell", "gene", "cluster", "donor", "baseline"}
+    assert ds["cluster"].dims == ("cell",) and ds["baseline"].dims == ("gene",)
+    assert ds["cluster"].dtype == object and ds["cell"].dtype == object
+    np.testing.assert_array_equal(ds["cluster"].values, atlas.obs["cluster"].astype(str).to_numpy())
+    np.testing.assert_array_equal(ds["gene"].values, atlas.var_names.to_numpy())
+    assert ds["cluster"].attrs["categorical"]["categories"] == list(atlas.obs["cluster"].cat.categories)
+    # values: column sums through Dask equal the reference
+    column_sums = ds.X.sum("cell").compute().data
+    np.testing.assert_allclose(dense(column_sums), np.asarray(atlas.X.sum(axis=0)).ravel(), rtol=1e-5)
+    # xarray's own groupby works on the cluster coordinate
+    assert set(ds.groupby("cluster").groups) == set(atlas.obs["cluster"].astype(str))
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "sparse"])
+def test_sparse_sources_give_sparse_chunks(kind, stores, atlas):
+    ds = bigcat.open_dataset(stores[kind], chunk_nnz=50_000)
+    x = ds.X.data
+    assert isinstance(x._meta, sparse.COO)
+    assert x.numblocks[0] > 3 and x.numblocks[1] == 1
+    block = x.blocks[1].compute()
+    assert isinstance(block, sparse.COO)
+    start = x.chunks[0][0]
+    np.testing.assert_array_equal(block.todense(), dense(atlas.X[start : start + x.chunks[0][1]]))
+    # rows are never split: each chunk stays within the requested number of values
+    assert block.nnz <= 50_000
+
+
+def test_csc_source_is_chunked_by_genes(encodings, atlas):
+    ds = bigcat.open_dataset(encodings["csc"], chunk_nnz=50_000)
+    assert ds.X.data.numblocks[0] == 1 and ds.X.data.numblocks[1] > 3
+    np.testing.assert_array_equal(dense(ds.X.data.blocks[0, 2].compute()),
+                                  dense(atlas.X[:, sum(ds.X.data.chunks[1][:2]) :][:, : ds.X.data.chunks[1][2]]))
+
+
+def test_dense_layout_opens_with_plain_xarray(stores, atlas):
+    import xarray as xr
+
+    ds = xr.open_zarr(stores["dense"])
+    assert ds.X.data.chunksize == (3000, 1500) or ds.X.encoding["chunks"] == (3000, 1500)
+    np.testing.assert_array_equal(ds.X[:10].values, dense(atlas.X[:10]))
+    # xarray ≥ 2025 refuses to group by a lazy (Dask) coordinate: load the labels first
+    ds = ds.assign_coords(cluster=ds["cluster"].compute())
+    means = ds.X.groupby("cluster").mean().compute()
+    first = atlas.obs["cluster"].cat.categories[0]
+    expected = np.asarray(atlas.X[(atlas.obs["cluster"] == first).to_numpy()].mean(axis=0)).ravel()
+    np.testing.assert_allclose(means.sel(cluster=first).values, expected, rtol=1e-5)
+
+
+def test_parquet_opens_as_table(tmp_path):
+    frame = pd.DataFrame({"cell_label": ["a", "b"], "cluster_alias": [1, 2]})
+    frame.to_parquet(tmp_path / "meta.parquet")
+    pd.testing.assert_frame_equal(bigcat.open_dataset(tmp_path / "meta.parquet"), frame)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(InputNotFoundError, match="no such file"):
+        bigcat.open_dataset(tmp_path / "missing.zarr")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BigcatFormatError, match="unknown file type '.txt'"):
+        bigcat.open_dataset(tmp_path / "notes.txt")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(BigcatFormatError, match="not a Zarr store"):
+        bigcat.open_dataset(tmp_path / "empty.zarr")
+    (tmp_path / "bad.parquet").write_text("nope")
+    with pytest.raises(BigcatFormatError, match="not a readable Parquet"):
+        bigcat.open_dataset(tmp_path / "bad.parquet")
+    truncated = tmp_path / "cut.h5ad"
+    truncated.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(BigcatFormatError, match="cannot be read as HDF5"):
+        bigcat.open_dataset(truncated)
