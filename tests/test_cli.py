@@ -17,14 +17,19 @@ from conftest import ARCHIVES, dense
 def bigcat(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: float = 120):
     return subprocess.run(
         [sys.executable, "-m", "bigcat", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, input=stdin, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        input=stdin,
+        timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
 
 
 def test_synth_convert_sample_pipeline(tmp_path):
-    done = bigcat("synth", tmp_path / "a.h5ad", "--cells", 500, "--genes", 300, "--clusters", 4,
-                  "--nnz-per-cell", 40, "--seed", 1)
+    done = bigcat(
+        "synth", tmp_path / "a.h5ad", "--cells", 500, "--genes", 300, "--clusters", 4, "--nnz-per-cell", 40, "--seed", 1
+    )
     assert done.returncode == 0, done.stderr
     assert "500 cells × 300 genes" in done.stdout
     done = bigcat("convert", tmp_path / "a.h5ad", tmp_path / "a.zarr", "--quiet")
@@ -56,16 +61,22 @@ def test_synth_convert_sample_pipeline(tmp_path):
 )
 def test_errors_are_one_line_with_exit_code_2(args, message, tmp_path):
     (tmp_path / "fake.h5ad").write_text("hello")
-    assert bigcat("synth", tmp_path / "in.h5ad", "--cells", 50, "--genes", 40, "--clusters", 2,
-                  "--nnz-per-cell", 5).returncode == 0
+    assert (
+        bigcat(
+            "synth", tmp_path / "in.h5ad", "--cells", 50, "--genes", 40, "--clusters", 2, "--nnz-per-cell", 5
+        ).returncode
+        == 0
+    )
     assert bigcat("convert", tmp_path / "in.h5ad", tmp_path / "exists.zarr").returncode == 0
     done = bigcat(*args, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("bigcat: error: ") and message in lines[0]
+    assert lines[0].startswith("bigcat: error: ")
+    assert message in lines[0]
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "o.zarr").exists()
+    assert not (tmp_path / "out.zarr").exists()
+    assert not (tmp_path / "o.zarr").exists()
 
 
 def test_usage_error_exit_code(tmp_path):
@@ -77,7 +88,8 @@ def test_usage_error_exit_code(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     done = bigcat("--debug", "convert", tmp_path / "missing.h5ad", tmp_path / "o.zarr")
     assert done.returncode != 0
-    assert "Traceback" in done.stderr and "InputNotFoundError" in done.stderr
+    assert "Traceback" in done.stderr
+    assert "InputNotFoundError" in done.stderr
 
 
 def test_open_runs_code_with_datasets_and_cluster(atlas_h5ad, tmp_path):

@@ -51,7 +51,8 @@ def test_round_trip_exact(encoding, layout, encodings, atlas, tmp_path):
         assert dense(back.X).dtype == np.int64
     if layout == "sparse":
         z = ad.read_zarr(out)
-        assert sp.issparse(z.X) and z.X.format == "csr"
+        assert sp.issparse(z.X)
+        assert z.X.format == "csr"
 
 
 def test_sparse_store_layout(atlas_h5ad, tmp_path):
@@ -150,7 +151,7 @@ def test_corrupt_sparse_structure_is_refused(encodings, tmp_path):
     path = _corrupt_copy(encodings["csr"], tmp_path / "a.h5ad", "indptr", bad)
     with pytest.raises(CorruptMatrixError, match=r"X/indptr is not monotone"):
         bigcat.convert(path, tmp_path / "a.zarr")
-    path = _corrupt_copy(encodings["csr"], tmp_path / "b.h5ad", "indptr", indptr[:-1].tolist() + [indptr[-1] - 3])
+    path = _corrupt_copy(encodings["csr"], tmp_path / "b.h5ad", "indptr", [*indptr[:-1].tolist(), indptr[-1] - 3])
     with pytest.raises(CorruptMatrixError, match=r"ends at .* but X/data has"):
         bigcat.convert(path, tmp_path / "b.zarr")
     wild = indices.copy()

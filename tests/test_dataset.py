@@ -26,8 +26,10 @@ def test_same_dataset_whatever_the_layout(kind, stores, atlas):
     assert ds.X.dims == ("cell", "gene")
     assert ds.sizes == {"cell": 3000, "gene": 1500}
     assert set(ds.coords) == {"cell", "gene", "cluster", "donor", "baseline"}
-    assert ds["cluster"].dims == ("cell",) and ds["baseline"].dims == ("gene",)
-    assert ds["cluster"].dtype == object and ds["cell"].dtype == object
+    assert ds["cluster"].dims == ("cell",)
+    assert ds["baseline"].dims == ("gene",)
+    assert ds["cluster"].dtype == object
+    assert ds["cell"].dtype == object
     np.testing.assert_array_equal(ds["cluster"].values, atlas.obs["cluster"].astype(str).to_numpy())
     np.testing.assert_array_equal(ds["gene"].values, atlas.var_names.to_numpy())
     assert ds["cluster"].attrs["categorical"]["categories"] == list(atlas.obs["cluster"].cat.categories)
@@ -43,7 +45,8 @@ def test_sparse_sources_give_sparse_chunks(kind, stores, atlas):
     ds = bigcat.open_dataset(stores[kind], chunk_nnz=50_000)
     x = ds.X.data
     assert isinstance(x._meta, sparse.COO)
-    assert x.numblocks[0] > 3 and x.numblocks[1] == 1
+    assert x.numblocks[0] > 3
+    assert x.numblocks[1] == 1
     block = x.blocks[1].compute()
     assert isinstance(block, sparse.COO)
     start = x.chunks[0][0]
@@ -54,9 +57,12 @@ def test_sparse_sources_give_sparse_chunks(kind, stores, atlas):
 
 def test_csc_source_is_chunked_by_genes(encodings, atlas):
     ds = bigcat.open_dataset(encodings["csc"], chunk_nnz=50_000)
-    assert ds.X.data.numblocks[0] == 1 and ds.X.data.numblocks[1] > 3
-    np.testing.assert_array_equal(dense(ds.X.data.blocks[0, 2].compute()),
-                                  dense(atlas.X[:, sum(ds.X.data.chunks[1][:2]) :][:, : ds.X.data.chunks[1][2]]))
+    assert ds.X.data.numblocks[0] == 1
+    assert ds.X.data.numblocks[1] > 3
+    np.testing.assert_array_equal(
+        dense(ds.X.data.blocks[0, 2].compute()),
+        dense(atlas.X[:, sum(ds.X.data.chunks[1][:2]) :][:, : ds.X.data.chunks[1][2]]),
+    )
 
 
 def test_dense_layout_opens_with_plain_xarray(stores, atlas):
@@ -83,7 +89,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(InputNotFoundError, match="no such file"):
         bigcat.open_dataset(tmp_path / "missing.zarr")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(BigcatFormatError, match="unknown file type '.txt'"):
+    with pytest.raises(BigcatFormatError, match=r"unknown file type '\.txt'"):
         bigcat.open_dataset(tmp_path / "notes.txt")
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(BigcatFormatError, match="not a Zarr store"):

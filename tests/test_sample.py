@@ -22,8 +22,10 @@ def check_subset(sub: ad.AnnData, atlas: ad.AnnData) -> tuple[np.ndarray, np.nda
     """The subset's values equal the reference at the rows/columns named by its obs/var names."""
     rows = atlas.obs_names.get_indexer(sub.obs_names)
     cols = atlas.var_names.get_indexer(sub.var_names)
-    assert (rows >= 0).all() and (cols >= 0).all()
-    assert np.all(np.diff(rows) > 0) and np.all(np.diff(cols) > 0)  # original order kept
+    assert (rows >= 0).all()
+    assert (cols >= 0).all()
+    assert np.all(np.diff(rows) > 0)
+    assert np.all(np.diff(cols) > 0)
     np.testing.assert_array_equal(dense(sub.X), dense(atlas.X)[np.ix_(rows, cols)])
     np.testing.assert_array_equal(sub.obs["cluster"].to_numpy(), atlas.obs["cluster"].to_numpy()[rows])
     return rows, cols
@@ -43,7 +45,8 @@ def test_same_seed_same_subset_and_matches_numpy(atlas_h5ad, atlas, tmp_path):
     a = read(bigcat.sample(atlas_h5ad, tmp_path / "a.h5ad", cells=0.1, genes=0.2, seed=5, progress=False))
     b = read(bigcat.sample(atlas_h5ad, tmp_path / "b.h5ad", cells=0.1, genes=0.2, seed=5, progress=False))
     c = read(bigcat.sample(atlas_h5ad, tmp_path / "c.h5ad", cells=0.1, genes=0.2, seed=6, progress=False))
-    assert list(a.obs_names) == list(b.obs_names) and list(a.var_names) == list(b.var_names)
+    assert list(a.obs_names) == list(b.obs_names)
+    assert list(a.var_names) == list(b.var_names)
     assert list(a.obs_names) != list(c.obs_names)
     rows, cols = check_subset(a, atlas)
     # the documented draw: cells first, then genes, from default_rng(seed)
@@ -59,8 +62,9 @@ def test_n_cells(store, atlas, tmp_path):
 
 
 def test_max_cells_per_cluster_is_stratified(store, atlas, tmp_path):
-    sub = read(bigcat.sample(store, tmp_path / "m.h5ad", max_cells_per_cluster=50, by="cluster", seed=2,
-                             progress=False))
+    sub = read(
+        bigcat.sample(store, tmp_path / "m.h5ad", max_cells_per_cluster=50, by="cluster", seed=2, progress=False)
+    )
     check_subset(sub, atlas)
     sizes = atlas.obs["cluster"].value_counts()
     got = sub.obs["cluster"].value_counts()

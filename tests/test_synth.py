@@ -36,20 +36,24 @@ def test_thread_count_does_not_change_output():
 
 def test_atlas_looks_like_counts(atlas):
     x = atlas.X
-    assert sp.issparse(x) and x.format == "csr"
+    assert sp.issparse(x)
+    assert x.format == "csr"
     assert x.shape == (3000, 1500)
-    assert np.all(x.data > 0) and np.all(x.data == np.round(x.data))  # positive integer counts
+    assert np.all(x.data > 0)
+    assert np.all(x.data == np.round(x.data))
     assert x.has_sorted_indices
     nnz_per_cell = np.diff(x.indptr)
     assert 150 * 0.85 < nnz_per_cell.mean() < 150 * 1.15
     # library sizes vary like a log-normal (sd of log ≈ 0.6) rather than being constant
     assert 0.3 < np.log(np.asarray(x.sum(axis=1)).ravel()).std() < 1.0
     sizes = atlas.obs["cluster"].value_counts()
-    assert (sizes > 0).all() and len(sizes) == 12  # every cluster present
+    assert (sizes > 0).all()
+    assert len(sizes) == 12
     assert sizes.max() / sizes.min() > 3  # skewed: a few big clusters, many small ones
     assert isinstance(atlas.obs["cluster"].dtype, pd.CategoricalDtype)
     assert isinstance(atlas.obs["donor"].dtype, pd.CategoricalDtype)
-    assert atlas.var_names[0] == "gene00000" and atlas.obs_names.dtype == object
+    assert atlas.var_names[0] == "gene00000"
+    assert atlas.obs_names.dtype == object
 
 
 def test_default_density_is_2500_per_cell():

@@ -62,8 +62,17 @@ def synth(
     """Write a synthetic atlas of raw counts (negative binomial, marker genes, skewed clusters)."""
     from bigcat.synth import synth as run
 
-    path = run(output, n_cells=cells, n_genes=genes, n_clusters=clusters, nnz_per_cell=nnz_per_cell, seed=seed,
-               layout=layout, overwrite=overwrite, progress=_progress(quiet))
+    path = run(
+        output,
+        n_cells=cells,
+        n_genes=genes,
+        n_clusters=clusters,
+        nnz_per_cell=nnz_per_cell,
+        seed=seed,
+        layout=layout,
+        overwrite=overwrite,
+        progress=_progress(quiet),
+    )
     typer.echo(f"wrote {path}: {cells} cells × {genes} genes, {clusters} clusters")
 
 
@@ -103,9 +112,20 @@ def sample(
     """Write a random subset of cells and genes, without loading the matrix."""
     from bigcat.sample import sample as run
 
-    path = run(input, output, fraction=fraction, cells=cells, genes=genes, n_cells=n_cells,
-               max_cells_per_cluster=max_cells_per_cluster, by=by, seed=seed, layout=layout, overwrite=overwrite,
-               progress=_progress(quiet))
+    path = run(
+        input,
+        output,
+        fraction=fraction,
+        cells=cells,
+        genes=genes,
+        n_cells=n_cells,
+        max_cells_per_cluster=max_cells_per_cluster,
+        by=by,
+        seed=seed,
+        layout=layout,
+        overwrite=overwrite,
+        progress=_progress(quiet),
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -119,6 +139,18 @@ def open_(
     from bigcat.shell import open_shell
 
     open_shell(paths or [], cluster=cluster, command=command)
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Where to write the demo files.")] = Path("demo-data"),
+    cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 20_000,
+    quiet: Quiet = False,
+) -> None:
+    """Run the pipeline on a synthetic atlas: synth → convert → open, printing what it opened."""
+    from bigcat.demo import run_demo
+
+    run_demo(folder, n_cells=cells, progress=_progress(quiet))
 
 
 def main(argv: list[str] | None = None) -> int:

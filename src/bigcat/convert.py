@@ -72,8 +72,17 @@ def convert(
         obs, var, uns = source.obs, source.var, source.uns
         cells = chunk_cells or DENSE_CHUNK_CELLS
         with (
-            open_writer(output, obs=obs, var=var, uns=uns, dtype=source.dtype, layout=layout, overwrite=overwrite,
-                        source={"input": source.fingerprint()}, chunk_cells=cells) as writer,
+            open_writer(
+                output,
+                obs=obs,
+                var=var,
+                uns=uns,
+                dtype=source.dtype,
+                layout=layout,
+                overwrite=overwrite,
+                source={"input": source.fingerprint()},
+                chunk_cells=cells,
+            ) as writer,
             progress_bar(total=source.shape[0], unit="cells", desc="convert", enabled=progress) as bar,
         ):
             blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells)

@@ -116,8 +116,9 @@ def open_dataset(
         # Zarr v3 strings arrive as NumPy's StringDType; use object arrays like the sparse path
         # 1-D annotations are small: load them, and turn Zarr v3 strings (NumPy's StringDType)
         # into object arrays, so the Dataset looks like the one from a sparse source
-        return ds.assign_coords({name: coord.copy(data=_object_strings(coord.values))
-                                 for name, coord in ds.coords.items() if name != "X"})
+        return ds.assign_coords(
+            {name: coord.copy(data=_object_strings(coord.values)) for name, coord in ds.coords.items() if name != "X"}
+        )
     n_cells, n_genes = source.shape
     if source.encoding == "csr":
         bounds = source.row_bounds(chunk_nnz)
@@ -136,8 +137,9 @@ def open_dataset(
         meta = sparse.COO.from_numpy(np.zeros((0, 0), dtype=source.dtype))
     obs, var = source.obs, source.var
     source.close()
-    x = da.from_array(_LazyX(source), chunks=chunks, meta=meta, asarray=False, fancy=False,
-                      name=f"bigcat-X-{_token(source)}")
+    x = da.from_array(
+        _LazyX(source), chunks=chunks, meta=meta, asarray=False, fancy=False, name=f"bigcat-X-{_token(source)}"
+    )
     obs_names, var_names = coord_names(list(obs.columns), list(var.columns))
     coords = {
         "cell": ("cell", np.asarray(obs.index.astype(str), dtype=object)),
@@ -145,8 +147,9 @@ def open_dataset(
         **_xarray_coords(obs, obs_names, "cell"),
         **_xarray_coords(var, var_names, "gene"),
     }
-    return xr.Dataset({"X": (("cell", "gene"), x)}, coords=coords,
-                      attrs={"source": str(path), "encoding": source.encoding})
+    return xr.Dataset(
+        {"X": (("cell", "gene"), x)}, coords=coords, attrs={"source": str(path), "encoding": source.encoding}
+    )
 
 
 def _object_strings(values: np.ndarray) -> np.ndarray:

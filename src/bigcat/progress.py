@@ -28,8 +28,9 @@ def progress_bar(*, total: int | None, unit: str, desc: str, enabled: bool | Non
     """
     if enabled is None:
         enabled = sys.stderr.isatty()
-    bar = tqdm(total=total, unit=unit, desc=desc, disable=not enabled, unit_scale=True, dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(
+        total=total, unit=unit, desc=desc, disable=not enabled, unit_scale=True, dynamic_ncols=True, file=sys.stderr
+    )
     try:
         yield bar
     finally:

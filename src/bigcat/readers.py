@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -31,7 +32,7 @@ from bigcat.errors import (
     CorruptMatrixError,
     InputNotFoundError,
 )
-from bigcat.store import MARKER_KEY, _native, read_marker
+from bigcat.store import _native, read_marker
 
 __all__ = ["MatrixSource", "block_bounds", "open_source"]
 
@@ -113,8 +114,10 @@ def open_source(path: str | os.PathLike, *, require_marker: bool = True) -> Matr
             msg = f"{path}: incomplete store (its writer never finished); convert again"
             raise BigcatStoreIncompleteError(msg)
         if marker is None and require_marker:
-            msg = (f"{path}: not a complete bigcat store (no completion marker); if another tool wrote this "
-                   "AnnData Zarr store, convert it with `bigcat convert` or pass require_marker=False")
+            msg = (
+                f"{path}: not a complete bigcat store (no completion marker); if another tool wrote this "
+                "AnnData Zarr store, convert it with `bigcat convert` or pass require_marker=False"
+            )
             raise BigcatStoreIncompleteError(msg)
         if marker is not None and marker.get("layout") == "dense":
             return MatrixSource(path, "zarr-dense")
@@ -190,8 +193,9 @@ class MatrixSource:
             self.dtype = np.dtype(x.dtype).newbyteorder("=")
             return
         attrs = dict(x.attrs)
-        kind = attrs.get("encoding-type") or (f"{attrs['h5sparse_format']}_matrix" if "h5sparse_format" in attrs
-                                              else None)
+        kind = attrs.get("encoding-type") or (
+            f"{attrs['h5sparse_format']}_matrix" if "h5sparse_format" in attrs else None
+        )
         shape = attrs.get("shape", attrs.get("h5sparse_shape"))
         if kind not in ("csr_matrix", "csc_matrix") or shape is None:
             msg = f"{self.path}: X has unsupported encoding {kind!r}; expected a CSR/CSC matrix or a dense array"
@@ -204,16 +208,17 @@ class MatrixSource:
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = np.dtype(x["data"].dtype).newbyteorder("=")
         if x["data"].shape != x["indices"].shape:
-            msg = (f"{self.path}: X/data has {x['data'].shape[0]} values but X/indices has "
-                   f"{x['indices'].shape[0]}")
+            msg = f"{self.path}: X/data has {x['data'].shape[0]} values but X/indices has {x['indices'].shape[0]}"
             raise CorruptMatrixError(msg)
 
     def _explain_missing_x(self, root: Any) -> None:
         if "obs" in root or "var" in root:
             msg = f"{self.path}: has no X matrix (an AnnData file with annotations only)"
         elif "matrix" in root and "barcodes" in root["matrix"]:
-            msg = (f"{self.path}: is a 10x Genomics .h5 file, not AnnData; read it with scanpy.read_10x_h5 and "
-                   "write it with .write_h5ad first")
+            msg = (
+                f"{self.path}: is a 10x Genomics .h5 file, not AnnData; read it with scanpy.read_10x_h5 and "
+                "write it with .write_h5ad first"
+            )
         else:
             msg = f"{self.path}: is not an AnnData file (no X, obs or var); top-level entries: {sorted(root)[:8]}"
         raise BigcatFormatError(msg)
@@ -354,8 +359,9 @@ class MatrixSource:
             rows = min(rows, max_rows)
         return np.unique(np.r_[np.arange(0, self.shape[0], rows), self.shape[0]]).astype(np.int64)
 
-    def iter_row_blocks(self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None
-                        ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    def iter_row_blocks(
+        self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None
+    ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         """Yield ``(start, stop, csr_block)`` covering all rows in order, in bounded memory.
 
         A CSC X is transposed through row buckets on a temporary disk: one pass counts
@@ -366,7 +372,7 @@ class MatrixSource:
             yield from self._csc_row_blocks(max_nnz, max_rows)
             return
         bounds = self.row_bounds(max_nnz, max_rows)
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        for start, stop in itertools.pairwise(bounds):
             yield int(start), int(stop), self.read_rows(int(start), int(stop))
 
     def _csc_row_blocks(self, max_nnz: int, max_rows: int | None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
@@ -374,7 +380,7 @@ class MatrixSource:
         col_bounds = block_bounds(self.indptr, max_nnz)
         indices = self._root()["X"]["indices"]
         row_counts = np.zeros(n_rows, dtype=np.int64)
-        for lo, hi in zip(col_bounds[:-1], col_bounds[1:], strict=True):
+        for lo, hi in itertools.pairwise(col_bounds):
             chunk = _native(np.asarray(indices[self.indptr[lo] : self.indptr[hi]]))
             self._check_indices(chunk, n_rows, int(self.indptr[lo]))
             row_counts += np.bincount(chunk, minlength=n_rows)
@@ -383,13 +389,13 @@ class MatrixSource:
         bounds = block_bounds(row_ptr, max_nnz, max_rows)
         with tempfile.TemporaryDirectory(prefix="bigcat-transpose-") as tmp:
             files = [
-                {name: Path(tmp, f"{b}.{name}").open("wb") for name in ("row", "col", "data")}
+                {name: Path(tmp, f"{b}.{name}").open("wb") for name in ("row", "col", "data")}  # noqa: SIM115
                 for b in range(len(bounds) - 1)
             ]
             try:
-                for lo, hi in zip(col_bounds[:-1], col_bounds[1:], strict=True):
+                for lo, hi in itertools.pairwise(col_bounds):
                     piece = self.read_columns(int(lo), int(hi)).tocsr()
-                    for b, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                    for b, (r0, r1) in enumerate(itertools.pairwise(bounds)):
                         part = piece[r0:r1].tocoo()
                         files[b]["row"].write(part.row.astype(np.int64).tobytes())
                         files[b]["col"].write((part.col.astype(np.int64) + lo).tobytes())
@@ -398,14 +404,17 @@ class MatrixSource:
                 for handles in files:
                     for handle in handles.values():
                         handle.close()
-            for b, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            for b, (r0, r1) in enumerate(itertools.pairwise(bounds)):
                 row = np.fromfile(Path(tmp, f"{b}.row"), dtype=np.int64)
                 col = np.fromfile(Path(tmp, f"{b}.col"), dtype=np.int64)
                 data = np.fromfile(Path(tmp, f"{b}.data"), dtype=self.dtype)
                 order = np.argsort(row, kind="stable")  # columns stay ascending within a row
                 block = sp.csr_matrix(
-                    (data[order], col[order].astype(np.int32 if n_cols < 2**31 else np.int64),
-                     row_ptr[r0 : r1 + 1] - row_ptr[r0]),
+                    (
+                        data[order],
+                        col[order].astype(np.int32 if n_cols < 2**31 else np.int64),
+                        row_ptr[r0 : r1 + 1] - row_ptr[r0],
+                    ),
                     shape=(int(r1 - r0), n_cols),
                 )
                 for name in ("row", "col", "data"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -144,14 +145,29 @@ def sample(
         cells = genes = math.sqrt(_check_fraction("--fraction", fraction))
     rng = np.random.default_rng(seed)
     with open_source(input) as source:
-        cell_index = choose_cells(source.obs, rng, fraction=cells, n_cells=n_cells,
-                                  max_cells_per_cluster=max_cells_per_cluster, by=by, source=str(input))
+        cell_index = choose_cells(
+            source.obs,
+            rng,
+            fraction=cells,
+            n_cells=n_cells,
+            max_cells_per_cluster=max_cells_per_cluster,
+            by=by,
+            source=str(input),
+        )
         gene_index = choose_genes(source.shape[1], rng, fraction=genes)
         obs = source.obs.iloc[cell_index]
         var = source.var.iloc[gene_index]
         with (
-            open_writer(output, obs=obs, var=var, uns=source.uns, dtype=source.dtype, layout=layout,
-                        overwrite=overwrite, source={"input": source.fingerprint(), "sample": {"seed": seed}}) as writer,
+            open_writer(
+                output,
+                obs=obs,
+                var=var,
+                uns=source.uns,
+                dtype=source.dtype,
+                layout=layout,
+                overwrite=overwrite,
+                source={"input": source.fingerprint(), "sample": {"seed": seed}},
+            ) as writer,
             progress_bar(total=len(cell_index), unit="cells", desc="sample", enabled=progress) as bar,
         ):
             all_genes = len(gene_index) == source.shape[1]
@@ -166,7 +182,7 @@ def sample(
     return Path(output)
 
 
-def _blocks_with(source: MatrixSource, rows: np.ndarray):  # noqa: ANN202 - a generator
+def _blocks_with(source: MatrixSource, rows: np.ndarray):
     """The row blocks of ``source`` that hold at least one of the sorted ``rows``."""
     if source.encoding == "csc":
         for start, stop, block in source.iter_row_blocks(BLOCK_NNZ):
@@ -174,7 +190,7 @@ def _blocks_with(source: MatrixSource, rows: np.ndarray):  # noqa: ANN202 - a ge
                 yield start, stop, block
         return
     bounds = source.row_bounds(BLOCK_NNZ)
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+    for start, stop in itertools.pairwise(bounds):
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:
             first, last = int(rows[lo]), int(rows[hi - 1]) + 1

@@ -17,8 +17,11 @@ __all__ = ["open_shell"]
 def _banner(namespace: dict[str, Any], names: list[str], client: Any) -> str:
     lines = ["bigcat shell — variables ready:"]
     for name in names:
-        lines.append(f"\n{name} = bigcat.open_dataset({namespace[name].attrs.get('source', '')!r})"
-                     if hasattr(namespace[name], "attrs") else f"\n{name}:")
+        lines.append(
+            f"\n{name} = bigcat.open_dataset({namespace[name].attrs.get('source', '')!r})"
+            if hasattr(namespace[name], "attrs")
+            else f"\n{name}:"
+        )
         lines.append(repr(namespace[name]))
     if client is not None:
         lines.append(f"\nclient = {client!r}")

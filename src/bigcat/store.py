@@ -291,8 +291,9 @@ def _is_zarr(group: Any) -> bool:
 class SparseZarrWriter(MatrixWriter):
     """The ``sparse`` layout: AnnData Zarr v3 with sharded CSR arrays."""
 
-    def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: Mapping, dtype: np.dtype,
-                 marker: dict) -> None:
+    def __init__(
+        self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: Mapping, dtype: np.dtype, marker: dict
+    ) -> None:
         import zarr
 
         super().__init__(len(obs), len(var), dtype)
@@ -303,12 +304,20 @@ class SparseZarrWriter(MatrixWriter):
         index_dtype = np.int32 if self.n_genes < 2**31 else np.int64
         x = self.root.create_group(
             "X",
-            attributes={"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": [self.n_cells, self.n_genes]},
+            attributes={
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": [self.n_cells, self.n_genes],
+            },
         )
         self.x = x
-        kwargs = {"shape": (0,), "chunks": (SPARSE_CHUNK,), "shards": (SPARSE_SHARD,),
-                  "compressors": sparse_compressors(), "fill_value": 0}
+        kwargs = {
+            "shape": (0,),
+            "chunks": (SPARSE_CHUNK,),
+            "shards": (SPARSE_SHARD,),
+            "compressors": sparse_compressors(),
+            "fill_value": 0,
+        }
         self.data = _GrowingArray(x.create_array("data", dtype=self.dtype, **kwargs), SPARSE_SHARD)
         self.indices = _GrowingArray(x.create_array("indices", dtype=index_dtype, **kwargs), SPARSE_SHARD)
         self.index_dtype = index_dtype
@@ -329,9 +338,15 @@ class SparseZarrWriter(MatrixWriter):
         np.cumsum(self.row_nnz, out=indptr[1:])
         n = len(indptr)
         chunk = min(SPARSE_CHUNK, max(n, 1))
-        self.x.create_array("indptr", shape=(n,), dtype=np.int64, chunks=(chunk,),
-                            shards=(max(chunk, min(SPARSE_SHARD, n)) // chunk * chunk,),
-                            compressors=sparse_compressors(), fill_value=0)[:] = indptr
+        self.x.create_array(
+            "indptr",
+            shape=(n,),
+            dtype=np.int64,
+            chunks=(chunk,),
+            shards=(max(chunk, min(SPARSE_SHARD, n)) // chunk * chunk,),
+            compressors=sparse_compressors(),
+            fill_value=0,
+        )[:] = indptr
         self.root.attrs[MARKER_KEY] = marker
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
@@ -352,8 +367,9 @@ def _xarray_coords(frame: pd.DataFrame, names: dict[str, str], dim: str) -> dict
             values = values.astype(categories.dtype)
         array = np.asarray(values)
         if array.dtype == object:
-            array = np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in array],
-                             dtype=object)
+            array = np.array(
+                ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in array], dtype=object
+            )
         coords[name] = xr.Variable((dim,), array, attrs=attrs)
     return coords
 
@@ -361,8 +377,16 @@ def _xarray_coords(frame: pd.DataFrame, names: dict[str, str], dim: str) -> dict
 class DenseZarrWriter(MatrixWriter):
     """The ``dense`` layout: an xarray Dataset ``X(cell, gene)`` in Zarr v3."""
 
-    def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, dtype: np.dtype, marker: dict,
-                 chunk_cells: int = DENSE_CHUNK_CELLS, chunk_genes: int = DENSE_CHUNK_GENES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        obs: pd.DataFrame,
+        var: pd.DataFrame,
+        dtype: np.dtype,
+        marker: dict,
+        chunk_cells: int = DENSE_CHUNK_CELLS,
+        chunk_genes: int = DENSE_CHUNK_GENES,
+    ) -> None:
         import dask.array as da
         import xarray as xr
         import zarr
@@ -380,13 +404,20 @@ class DenseZarrWriter(MatrixWriter):
         self.chunk_genes = max(1, min(chunk_genes, self.n_genes))
         chunks = (self.chunk_cells, self.chunk_genes)
         template = da.zeros((self.n_cells, self.n_genes), dtype=self.dtype, chunks=chunks)
-        ds = xr.Dataset({"X": (("cell", "gene"), template)}, coords=coords,
-                        attrs={MARKER_KEY: {**marker, "complete": False},
-                               COLUMNS_KEY: {"obs": obs_names, "var": var_names}})
+        ds = xr.Dataset(
+            {"X": (("cell", "gene"), template)},
+            coords=coords,
+            attrs={MARKER_KEY: {**marker, "complete": False}, COLUMNS_KEY: {"obs": obs_names, "var": var_names}},
+        )
         from zarr.codecs import BloscCodec
 
-        encoding = {"X": {"chunks": chunks, "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
-                          "fill_value": 0}}
+        encoding = {
+            "X": {
+                "chunks": chunks,
+                "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+                "fill_value": 0,
+            }
+        }
         for name in coords:
             encoding.setdefault(name, {})
         with warnings.catch_warnings():
@@ -436,12 +467,18 @@ class H5adWriter(MatrixWriter):
         self.file = h5py.File(path, "w-")
         _write_anndata_elements(self.file, obs, var, uns)
         x = self.file.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": np.array([self.n_cells, self.n_genes])})
+        x.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": np.array([self.n_cells, self.n_genes]),
+            }
+        )
         index_dtype = np.int32 if self.n_genes < 2**31 else np.int64
         self.data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=self.dtype, chunks=(H5AD_CHUNK,))
-        self.indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=index_dtype,
-                                        chunks=(H5AD_CHUNK,))
+        self.indices = x.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=index_dtype, chunks=(H5AD_CHUNK,)
+        )
         self.x = x
         self.row_nnz = np.zeros(self.n_cells, dtype=np.int64)
 

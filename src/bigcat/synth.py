@@ -178,7 +178,10 @@ def make_model(
         msg = f"synth: need cells ≥ 0, genes ≥ 1 and clusters ≥ 1 (got {n_cells}, {n_genes}, {n_clusters})"
         raise BigcatInputError(msg)
     if not 0 < nnz_per_cell < n_genes:
-        msg = f"synth: --nnz-per-cell must be between 1 and the number of genes - 1 (got {nnz_per_cell} for {n_genes} genes)"
+        msg = (
+            f"synth: --nnz-per-cell must be between 1 and the number of genes - 1 "
+            f"(got {nnz_per_cell} for {n_genes} genes)"
+        )
         raise BigcatInputError(msg)
     rng = np.random.default_rng(seed)
     baseline = rng.lognormal(0.0, 2.0, n_genes)
@@ -256,7 +259,7 @@ def make_model(
 
 
 @numba.njit(nogil=True, cache=True)
-def _generate_batch(  # noqa: PLR0913, PLR0915 - one flat kernel is the point
+def _generate_batch(
     seed,
     labels,
     baseline,
@@ -444,8 +447,15 @@ def synth(
     from bigcat.store import open_writer
 
     model = make_model(n_cells, n_genes, n_clusters, nnz_per_cell=nnz_per_cell, seed=seed)
-    source = {"synth": {"n_cells": n_cells, "n_genes": n_genes, "n_clusters": n_clusters, "seed": seed,
-                        "nnz_per_cell": nnz_per_cell}}
+    source = {
+        "synth": {
+            "n_cells": n_cells,
+            "n_genes": n_genes,
+            "n_clusters": n_clusters,
+            "seed": seed,
+            "nnz_per_cell": nnz_per_cell,
+        }
+    }
     with (
         open_writer(
             path,
