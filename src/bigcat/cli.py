@@ -129,6 +129,67 @@ def sample(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def stats(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="IN.zarr|IN.h5ad … (statistics accumulate)")] = None,  # noqa: UP045
+    by: Annotated[str, typer.Option("--by", help="obs column with the cluster labels.")] = "cluster",
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV/Parquet table with the labels.")] = None,  # noqa: UP045
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column of --labels.")] = None,  # noqa: UP045
+    cell_column: Annotated[Optional[str], typer.Option("--cell-column", help="Cell-name column of --labels.")] = None,  # noqa: UP045
+    statistics: Annotated[str, typer.Option("--stats", help="Comma-separated statistics.")] = "means,present,sqr_means",
+    normalize: Annotated[Optional[str], typer.Option("--normalize", help="log2cpm: on the fly from counts.")] = None,  # noqa: UP045
+    threshold: Annotated[float, typer.Option("--threshold", help="present counts x > threshold.")] = 0.0,
+    present_op: Annotated[str, typer.Option("--present-op", help="gt (x > th) or ge (x >= th).")] = "gt",
+    max_cells_per_cluster: Annotated[
+        Optional[int], typer.Option("--max-cells-per-cluster", help="Sample at most N cells per cluster.")  # noqa: UP045
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed for --max-cells-per-cluster.")] = 0,
+    engine: Annotated[str, typer.Option("--engine", help="blocks (default) or groupby (xarray+flox).")] = "blocks",
+    out: Annotated[Optional[Path], typer.Option("--out", help="stats.zarr|.parquet|.h5ad|.csv")] = None,  # noqa: UP045
+    wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
+    cluster: Annotated[str, typer.Option("--cluster", help="threads (default), local or sync.")] = "threads",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Per-cluster statistics (means, present, sqr_means, …), out of core."""
+    from bigcat.cluster import connect
+    from bigcat.errors import BigcatInputError
+    from bigcat.stats import cluster_stats, merge_stats, write_stats
+
+    if not inputs:
+        msg = "stats needs at least one input"
+        raise BigcatInputError(msg)
+    if merge:
+        if out is None:
+            msg = "--merge needs --out"
+            raise BigcatInputError(msg)
+        result = merge_stats(inputs)
+    else:
+        with connect(cluster) as client:
+            result = cluster_stats(
+                [str(p) for p in inputs],
+                by=by,
+                stats=statistics,
+                labels=labels,
+                label_column=label_column,
+                cell_column=cell_column,
+                normalize=normalize,
+                threshold=threshold,
+                present_op=present_op,
+                max_cells_per_cluster=max_cells_per_cluster,
+                seed=seed,
+                engine=engine,
+                client=client,
+                progress=_progress(quiet),
+            )
+    if out is None:
+        typer.echo(result)
+        return
+    for path in write_stats(result, out, wide=wide, overwrite=overwrite):
+        typer.echo(f"wrote {path}")
+
+
 @app.command("open")
 def open_(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Files to open as data1 … dataN.")] = None,  # noqa: UP045

@@ -70,5 +70,29 @@ def run_demo(
         f"dense layout: X {dict(dense_ds.sizes)}, chunks {dense_ds.X.data.chunksize}, same coordinates: "
         f"{sorted(dense_ds.coords) == sorted(ds.coords)}"
     )
+    step(f"cluster statistics (log2 CPM, blocks engine) of {paths['sparse']}")
+    from bigcat.readers import open_source
+    from bigcat.stats import cluster_stats, write_stats
+
+    result = cluster_stats(paths["sparse"], by="cluster", stats=("means", "present", "sqr_means"), normalize="log2cpm")
+    paths["stats"] = folder / "stats.parquet"
+    write_stats(result, paths["stats"], overwrite=True)
+    print(result)
+    with open_source(paths["sparse"]) as source:
+        truth = source.uns.get("bigcat_synth", {}).get("markers")
+    means = result["means"].values
+    rest = (means.sum(axis=0, keepdims=True) - means) / max(len(means) - 1, 1)
+    genes = result["gene"].values
+    print("\ntop marker gene per cluster (highest mean log2 CPM minus the mean of the other clusters):")
+    for i, label in enumerate(result["cluster"].values[:5]):
+        top = int(np.argmax(means[i] - rest[i]))
+        known = ""
+        if truth is not None:
+            known = "  (a planted marker)" if top in set(np.asarray(truth)[i].tolist()) else "  (not a planted marker)"
+        print(
+            f"  {label}: {genes[top]}  mean {means[i, top]:.2f} vs {rest[i, top]:.2f} elsewhere, "
+            f"present in {result['present'].values[i, top]:.0%} of its {int(result['n_cells'][i])} cells{known}"
+        )
+    print(f"statistics written to {paths['stats']}")
     step("done")
     return paths
