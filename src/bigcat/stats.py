@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,27 +189,24 @@ def _read_labels_table(path: str | os.PathLike, label_column: str | None, cell_c
     if not path.exists():
         msg = f"{path}: no such file or directory"
         raise InputNotFoundError(msg)
+    parquet = path.suffix.lower() == ".parquet"
     try:
-        if path.suffix.lower() == ".parquet":
-            table = pd.read_parquet(path, columns=[c for c in (cell_column, label_column) if c])
+        if parquet:
+            import pyarrow.parquet as pq
+
+            available = list(pq.read_schema(path).names)
         else:
-            table = pd.read_csv(path, usecols=[c for c in (cell_column, label_column) if c] or None)
-    except (ValueError, KeyError) as error:
-        msg = f"{path}: cannot read columns {cell_column!r}/{label_column!r} ({error})"
-        raise BigcatInputError(msg) from error
+            available = list(pd.read_csv(path, nrows=0).columns)
     except Exception as error:
-        msg = f"{path}: not a readable CSV/Parquet table ({error})"
+        msg = f"{path}: not a readable CSV/Parquet table ({str(error).splitlines()[0]})"
         raise BigcatFormatError(msg) from error
-    if label_column is None or label_column not in table.columns:
-        msg = f"{path}: label column {label_column!r} not found; columns: {', '.join(map(str, table.columns))}"
-        raise BigcatInputError(msg)
-    if cell_column is not None:
-        if cell_column not in table.columns:
-            msg = f"{path}: cell column {cell_column!r} not found; columns: {', '.join(map(str, table.columns))}"
+    for kind, column in (("label", label_column), ("cell", cell_column)):
+        if (column is None and kind == "label") or (column is not None and column not in available):
+            msg = f"{path}: {kind} column {column!r} not found; columns: {', '.join(map(str, available))}"
             raise BigcatInputError(msg)
-        index = table[cell_column].astype(str)
-    else:
-        index = table.index.astype(str)
+    wanted = [c for c in (cell_column, label_column) if c]
+    table = pd.read_parquet(path, columns=wanted) if parquet else pd.read_csv(path, usecols=wanted)
+    index = table[cell_column].astype(str) if cell_column is not None else table.index.astype(str)
     labels = pd.Series(table[label_column].to_numpy(), index=pd.Index(index))
     if labels.index.has_duplicates:
         dup = labels.index[labels.index.duplicated()][0]
@@ -314,7 +312,9 @@ def cluster_stats(
         ``get_cl_present``) or ``x >= threshold`` (``"ge"``, scrattch.hicat's ``low.th``).
     normalize
         ``"log2cpm"``: compute on ``log2(x / cell_total × 1e6 + 1)`` from raw counts, on the
-        fly (cell totals over all genes of the input, also when ``genes`` subsets them).
+        fly (cell totals over all genes of the input, also when ``genes`` subsets them; a
+        Dataset input holds only its own genes, so subset it with ``genes=`` rather than
+        ``isel(gene=…)`` to keep whole-transcriptome totals).
     max_cells_per_cluster, seed
         Use at most N randomly chosen cells per cluster (R's ``max.cl.size``), reproducibly.
     engine
@@ -375,11 +375,12 @@ def cluster_stats(
     if labels is not None:
         table = _read_labels_table(labels, label_column, cell_column)
         names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
-        matched = table.reindex(names)
         attrs["labels_unmatched"] = int(len(table) - table.index.isin(names).sum())
         if attrs["labels_unmatched"]:
             log.warning("%s: %d labelled cells are not in the data; ignored", labels, attrs["labels_unmatched"])
-        codes, clusters = _factorize([matched.to_numpy()])
+        table_codes, clusters = _factorize([table.to_numpy()])
+        positions = pd.Index(table.index).get_indexer(names)
+        codes = np.where(positions >= 0, table_codes[positions], -1).astype(np.int32)
         by_desc = f"{labels}:{label_column}"
     elif by_column is not None:
         codes, clusters = _factorize([p.labels for p in parts])
@@ -1090,12 +1091,16 @@ def write_stats(ds: Any, path: str | os.PathLike, *, wide: bool = False, overwri
                 if out[name].dtype == object:
                     out = out.assign_coords({name: out[name].values.astype(str)})
             out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
-            out.to_zarr(str(tmp), mode="w-", consolidated=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+                out.to_zarr(str(tmp), mode="w-", consolidated=True)
             import zarr
 
             root = zarr.open_group(str(tmp), mode="r+")
             root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
-            zarr.consolidate_metadata(str(tmp))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+                zarr.consolidate_metadata(str(tmp))
         return [path]
     if suffix == ".h5ad":
         import anndata as ad

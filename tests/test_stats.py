@@ -1,0 +1,339 @@
+"""cluster_stats against a naive dense NumPy oracle, scanpy.get.aggregate, and itself across engines.
+
+Tolerances: results are float32 computed from float64 accumulators, so relative 1e-5
+(float32 keeps ~7 digits) with an absolute floor of 1e-5 × the largest |value| squared
+for variances (E[x²] − E[x]² in float64, then rounded to float32). Counts are exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bigcat
+from bigcat import stats as stats_module
+from bigcat.errors import BigcatInputError
+from bigcat.stats import STATISTICS, cluster_stats, merge_stats, read_stats, write_stats
+from conftest import dense
+
+ALL = ",".join(STATISTICS)
+
+
+def oracle(
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threshold: float = 0.0,
+    op: str = "gt",
+    normalize: bool = False,
+    keep: np.ndarray | None = None,
+) -> dict:
+    """Per-cluster statistics the obvious way: dense float64, one cluster at a time."""
+    x = np.asarray(x, dtype=np.float64)
+    if normalize:
+        totals = x.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(totals != 0, np.log2(x / totals * 1e6 + 1), 0.0)
+    labels = pd.Series(labels, dtype=object)
+    valid = labels.notna().to_numpy()
+    if keep is not None:
+        valid &= keep
+    clusters = pd.Categorical(labels[valid]).categories
+    out = {name: [] for name in ("n_cells", *STATISTICS)}
+    for c in clusters:
+        rows = x[valid & (labels == c).to_numpy()]
+        n = len(rows)
+        passes = rows >= threshold if op == "ge" else rows > threshold
+        out["n_cells"].append(n)
+        out["sums"].append(rows.sum(0))
+        out["means"].append(rows.mean(0))
+        out["present"].append(passes.mean(0))
+        out["sqr_sums"].append((rows**2).sum(0))
+        out["sqr_means"].append((rows**2).mean(0))
+        out["vars"].append(rows.var(0))
+        out["nnz"].append((rows != 0).sum(0))
+    result = {k: np.array(v) for k, v in out.items()}
+    result["clusters"] = np.asarray(clusters)
+    return result
+
+
+def check(result, expected: dict, stats=STATISTICS) -> None:
+    np.testing.assert_array_equal(result["cluster"].values.astype(str), expected["clusters"].astype(str))
+    np.testing.assert_array_equal(result["n_cells"].values, expected["n_cells"])
+    scale = max(1.0, float(np.abs(expected["sums"]).max(initial=0)))
+    for name in stats:
+        got = result[name].values
+        want = expected[name]
+        if name == "nnz":
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:
+            atol = 1e-5 * scale**2 if name == "vars" else 1e-6 * scale
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
+
+
+def write_h5ad(path: Path, x, labels, **obs) -> Path:
+    n, g = x.shape
+    frame = pd.DataFrame({"cluster": pd.Categorical(labels), **obs}, index=[f"c{i}" for i in range(n)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(g)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.AnnData(X=x, obs=frame, var=var).write_h5ad(path)
+    return path
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 40))
+    g = draw(st.integers(1, 25))
+    n_labels = draw(st.sampled_from([1, 2, 7, 300]))
+    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    normalize = draw(st.booleans())
+    mask = rng.random((n, g)) < density
+    values = rng.integers(0, 6, size=(n, g)).astype(np.float32)  # includes explicit zeros where masked
+    if not normalize and draw(st.booleans()):
+        values -= 2.5  # negative values
+    x = sp.csr_matrix((values[mask], np.nonzero(mask)), shape=(n, g))
+    labels = rng.integers(0, n_labels, size=n).astype(object)
+    labels = np.array([f"k{v}" for v in labels], dtype=object)
+    labels[rng.random(n) < 0.15] = None  # unlabelled cells are excluded
+    if all(v is None for v in labels):
+        labels[0] = "k0"
+    threshold = draw(st.sampled_from([0.0, 1.0, -1.0]))
+    op = draw(st.sampled_from(["gt", "ge"]))
+    block_nnz = draw(st.sampled_from([1, 3, 50, 10_000]))
+    return x, labels, threshold, op, normalize, block_nnz
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problems())
+def test_blocks_engine_matches_oracle(tmp_path_factory, problem):
+    x, labels, threshold, op, normalize, block_nnz = problem
+    path = write_h5ad(tmp_path_factory.mktemp("p") / "x.h5ad", x, labels)
+    result = cluster_stats(
+        path,
+        stats=ALL,
+        threshold=threshold,
+        present_op=op,
+        normalize="log2cpm" if normalize else None,
+        block_nnz=block_nnz,
+    )
+    check(result, oracle(x.toarray(), labels, threshold=threshold, op=op, normalize=normalize))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problems())
+def test_groupby_engine_matches_oracle(tmp_path_factory, problem):
+    x, labels, threshold, op, normalize, _ = problem
+    path = write_h5ad(tmp_path_factory.mktemp("p") / "x.h5ad", x, labels)
+    result = cluster_stats(
+        path, stats=ALL, threshold=threshold, present_op=op, normalize="log2cpm" if normalize else None, engine="groupby"
+    )
+    check(result, oracle(x.toarray(), labels, threshold=threshold, op=op, normalize=normalize))
+
+
+@pytest.fixture(scope="module")
+def stores(atlas_h5ad, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stores")
+    out = {"h5ad": atlas_h5ad}
+    out["sparse"] = bigcat.convert(atlas_h5ad, folder / "sparse.zarr", progress=False)
+    out["dense"] = bigcat.convert(atlas_h5ad, folder / "dense.zarr", layout="dense", chunk_cells=700, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["h5ad", "sparse", "dense"])
+@pytest.mark.parametrize("engine", ["blocks", "groupby"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_layouts_and_engines_agree_with_oracle(stores, atlas, layout, engine, normalize):
+    result = cluster_stats(
+        stores[layout], stats=ALL, engine=engine, normalize="log2cpm" if normalize else None, block_nnz=40_000
+    )
+    check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy(), normalize=normalize))
+    assert result.attrs["engine"] == engine
+    assert result["means"].dtype == np.float32
+    assert result["sums"].dtype == np.float64
+
+
+@pytest.mark.parametrize("encoding", ["csc", "dense", "int64", "bigendian"])
+def test_every_x_encoding(encodings, atlas, encoding):
+    result = cluster_stats(encodings[encoding], stats=ALL, normalize="log2cpm", block_nnz=30_000)
+    check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy(), normalize=True))
+
+
+def test_subsets_threshold_and_gene_order(stores, atlas):
+    rng = np.random.default_rng(3)
+    cells = rng.random(atlas.n_obs) < 0.4
+    genes = np.array(atlas.var_names[[17, 3, 900, 4, 1499]])
+    result = cluster_stats(
+        stores["sparse"], stats=ALL, cells=cells, genes=genes, threshold=2, present_op="ge", normalize="log2cpm"
+    )
+    assert list(result["gene"].values) == list(genes)
+    full = dense(atlas.X)
+    totals = full.sum(axis=1, keepdims=True)
+    normed = np.log2(full / np.where(totals == 0, 1, totals) * 1e6 + 1)[:, [17, 3, 900, 4, 1499]]
+    expected = oracle(normed, atlas.obs["cluster"].to_numpy(), threshold=2, op="ge", keep=cells)
+    check(result, expected)
+    # the same cells by name and by position
+    by_name = cluster_stats(stores["sparse"], stats="sums", cells=atlas.obs_names[cells], genes=[17, 3, 900, 4, 1499])
+    np.testing.assert_array_equal(by_name["sums"].values, result.sums.values * 0 + by_name["sums"].values)
+    np.testing.assert_allclose(
+        by_name["sums"].values, oracle(full[:, [17, 3, 900, 4, 1499]], atlas.obs["cluster"].to_numpy(), keep=cells)["sums"]
+    )
+
+
+def test_gene_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch):
+    """Force the many-clusters decomposition (one row partition × 4 gene ranges) and the
+    few-clusters one (4 row partitions summed by a tree)."""
+    expected = oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy())
+    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1))  # tiny budget → R = 1, G = 4
+    check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, G = 1
+    check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_local_schedulers(stores, atlas, scheduler):
+    with bigcat.connect(scheduler):
+        result = cluster_stats(stores["sparse"], stats=ALL, block_nnz=50_000)
+    check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy()))
+
+
+def test_many_files_accumulate_and_merge_exactly(atlas, tmp_path):
+    x = sp.csr_matrix(atlas.X)
+    labels = atlas.obs["cluster"].to_numpy()
+    halves = [slice(0, 1200), slice(1200, None)]
+    paths = []
+    for i, rows in enumerate(halves):
+        part = atlas[rows].copy()
+        part.obs_names = [f"f{i}-{n}" for n in part.obs_names]
+        path = tmp_path / f"part{i}.h5ad"
+        part.write_h5ad(path)
+        paths.append(path)
+    expected = oracle(x.toarray(), labels)
+    together = cluster_stats(paths, stats=ALL)
+    check(together, expected)
+    separate = [cluster_stats(p, stats=ALL) for p in paths]
+    merged = merge_stats(separate)
+    check(merged, expected)
+    for name in ("sums", "sqr_sums", "present_counts", "nnz"):  # the accumulators add exactly
+        np.testing.assert_array_equal(merged[name].values, together[name].values)
+    # through stores on disk, as `bigcat stats --merge` does
+    stores = [tmp_path / "a.zarr", tmp_path / "b.zarr"]
+    for result, store in zip(separate, stores, strict=True):
+        write_stats(result, store)
+    check(merge_stats(stores), expected)
+
+
+def test_labels_from_an_external_table(stores, atlas, tmp_path):
+    rng = np.random.default_rng(0)
+    names = atlas.obs_names.to_numpy()
+    chosen = rng.permutation(len(names))[:2000]
+    table = pd.DataFrame({"cell_label": names[chosen], "cluster_alias": rng.integers(0, 30, len(chosen))})
+    table = pd.concat([table, pd.DataFrame({"cell_label": ["nope1", "nope2"], "cluster_alias": [1, 2]})])
+    for suffix in (".csv", ".parquet"):
+        path = tmp_path / f"meta{suffix}"
+        table.to_csv(path, index=False) if suffix == ".csv" else table.to_parquet(path)
+        result = cluster_stats(
+            stores["sparse"], stats="sums,nnz", labels=path, label_column="cluster_alias", cell_column="cell_label"
+        )
+        labels = np.full(len(names), None, dtype=object)
+        labels[chosen] = table["cluster_alias"].to_numpy()[: len(chosen)]
+        expected = oracle(dense(atlas.X), labels)
+        check(result, expected, stats=("sums", "nnz"))
+        assert result.attrs["labels_unmatched"] == 2
+    with pytest.raises(BigcatInputError, match="label column 'nope'"):
+        cluster_stats(stores["sparse"], labels=path, label_column="nope", cell_column="cell_label")
+
+
+def test_max_cells_per_cluster_is_reproducible(stores, atlas):
+    a = cluster_stats(stores["sparse"], stats="sums", max_cells_per_cluster=20, seed=1)
+    b = cluster_stats(stores["sparse"], stats="sums", max_cells_per_cluster=20, seed=1)
+    c = cluster_stats(stores["sparse"], stats="sums", max_cells_per_cluster=20, seed=2)
+    sizes = atlas.obs["cluster"].value_counts().reindex(a["cluster"].values)
+    np.testing.assert_array_equal(a["n_cells"].values, np.minimum(sizes.to_numpy(), 20))
+    np.testing.assert_array_equal(a["sums"].values, b["sums"].values)
+    assert not np.array_equal(a["sums"].values, c["sums"].values)
+
+
+def test_dataset_input_subset_with_isel(stores, atlas):
+    ds = bigcat.open_dataset(stores["sparse"])
+    rows = np.arange(0, atlas.n_obs, 3)
+    # cells subset by isel; genes by `genes=` so cell totals still cover every gene (a Dataset
+    # subset with isel(gene=…) holds only those genes, and its totals cover only them)
+    result = cluster_stats(ds.isel(cell=rows), genes=np.arange(100, 400), stats=ALL, normalize="log2cpm")
+    full = dense(atlas.X)[rows]
+    totals = full.sum(axis=1, keepdims=True)
+    normed = np.log2(full / np.where(totals == 0, 1, totals) * 1e6 + 1)[:, 100:400]
+    check(result, oracle(normed, atlas.obs["cluster"].to_numpy()[rows]))
+    whole = cluster_stats(ds, stats="means")  # an untouched Dataset reads its file directly
+    check(whole, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy()), stats=("means",))
+
+
+def test_agrees_with_scanpy_aggregate_on_pbmc68k_reduced(tmp_path):
+    sc = pytest.importorskip("scanpy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = sc.datasets.pbmc68k_reduced()
+        path = tmp_path / "pbmc.h5ad"
+        ad.AnnData(X=sp.csr_matrix(adata.X), obs=adata.obs[["louvain"]], var=adata.var[[]]).write_h5ad(path)
+        expected = sc.get.aggregate(adata, by="louvain", func=["sum", "mean", "count_nonzero", "var"], dof=0)
+    result = cluster_stats(path, by="louvain", stats="sums,means,nnz,vars")
+    clusters = list(expected.obs_names)
+    result = result.sel(cluster=clusters)
+    np.testing.assert_allclose(result["sums"].values, expected.layers["sum"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(result["means"].values, expected.layers["mean"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(result["nnz"].values, expected.layers["count_nonzero"])
+    np.testing.assert_allclose(result["vars"].values, expected.layers["var"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".parquet", ".csv", ".h5ad"])
+def test_outputs(stores, atlas, tmp_path, suffix):
+    result = cluster_stats(stores["sparse"], stats="means,present,sqr_means")
+    path = tmp_path / f"stats{suffix}"
+    write_stats(result, path)
+    assert not [p for p in tmp_path.iterdir() if "bigcat-tmp" in p.name]
+    if suffix == ".zarr":
+        back = read_stats(path)
+        np.testing.assert_array_equal(back["means"].values, result["means"].values)
+        assert list(back["cluster"].values) == list(result["cluster"].values)
+    elif suffix == ".h5ad":
+        back = ad.read_h5ad(path)
+        np.testing.assert_array_equal(back.layers["present"], result["present"].values)
+        np.testing.assert_array_equal(back.obs["n_cells"].to_numpy(), result["n_cells"].values)
+    else:
+        table = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        assert len(table) == result.sizes["cluster"] * result.sizes["gene"]
+        row = table.iloc[atlas.n_vars + 5]  # second cluster, sixth gene
+        assert row["gene"] == result["gene"].values[5]
+        assert row["n_cells"] == result["n_cells"].values[1]
+        np.testing.assert_allclose(row["means"], result["means"].values[1, 5], rtol=1e-6)
+    with pytest.raises(bigcat.errors.BigcatOutputExistsError):
+        write_stats(result, path)
+
+
+def test_wide_tables(stores, tmp_path):
+    result = cluster_stats(stores["sparse"], stats="means,present")
+    written = write_stats(result, tmp_path / "stats.parquet", wide=True)
+    assert {p.name for p in written} >= {"stats.means.parquet", "stats.present.parquet"}
+    table = pd.read_parquet(tmp_path / "stats.means.parquet").set_index("gene")
+    first = str(result["cluster"].values[0])
+    np.testing.assert_array_equal(table[first].to_numpy(), result["means"].values[0])
+
+
+def test_bad_requests(stores):
+    with pytest.raises(BigcatInputError, match="unknown statistic"):
+        cluster_stats(stores["sparse"], stats="medians")
+    with pytest.raises(BigcatInputError, match="no obs column 'nope'"):
+        cluster_stats(stores["sparse"], by="nope")
+    with pytest.raises(BigcatInputError, match="gene name"):
+        cluster_stats(stores["sparse"], genes=["not-a-gene"])
+    with pytest.raises(BigcatInputError, match="unknown engine"):
+        cluster_stats(stores["sparse"], engine="magic")
