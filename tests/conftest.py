@@ -70,3 +70,51 @@ def dense(x) -> np.ndarray:
     if hasattr(x, "todense"):
         return np.asarray(x.todense())
     return np.asarray(x)
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``dask scheduler`` and ``dask worker`` (2 threads) on 127.0.0.1; yields the address."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path_factory.mktemp("dask")
+    info = folder / "scheduler.json"
+    dask = str(Path(sys.executable).parent / "dask")
+    logs = [(folder / "scheduler.log").open("w"), (folder / "worker.log").open("w")]
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+         "--scheduler-file", str(info)],
+        stdout=logs[0], stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    procs = [scheduler]
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() or not info.read_text().strip():
+            if time.monotonic() > deadline or scheduler.poll() is not None:
+                pytest.fail(f"dask scheduler did not start: {(folder / 'scheduler.log').read_text()}")
+            time.sleep(0.1)
+        address = json.loads(info.read_text())["address"]
+        worker = subprocess.Popen(
+            [dask, "worker", address, "--nthreads", "2", "--nworkers", "1", "--memory-limit", "6GB",
+             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
+            stdout=logs[1], stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append(worker)
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()

@@ -108,3 +108,37 @@ def test_open_interactive_console_reads_stdin(atlas_h5ad):
     done = bigcat("open", atlas_h5ad, "--cluster", "sync", stdin="print('SHAPE', data1.X.shape)\n")
     assert done.returncode == 0, done.stderr
     assert "SHAPE (3000, 1500)" in done.stdout
+
+
+def test_stats_command_outputs_and_merge(tmp_path):
+    done = bigcat("synth", tmp_path / "a.h5ad", "--cells", 400, "--genes", 200, "--clusters", 5, "--nnz-per-cell", 30)
+    assert done.returncode == 0, done.stderr
+    src = ad.read_h5ad(tmp_path / "a.h5ad")
+    x = dense(src.X).astype(np.float64)
+    out = tmp_path / "s.parquet"
+    done = bigcat("stats", tmp_path / "a.h5ad", "--by", "cluster", "--stats", "means,nnz", "--out", out)
+    assert done.returncode == 0, done.stderr
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "s.parquet")
+    first = table[table["cluster"] == "cl0000"]
+    rows = (src.obs["cluster"] == "cl0000").to_numpy()
+    np.testing.assert_allclose(first["means"].to_numpy(), x[rows].mean(0), rtol=1e-5)
+    np.testing.assert_array_equal(first["nnz"].to_numpy(), (x[rows] != 0).sum(0))
+    # two halves, merged from their stores, equal the whole
+    half = src.n_obs // 2
+    src[:half].write_h5ad(tmp_path / "h1.h5ad")
+    src[half:].write_h5ad(tmp_path / "h2.h5ad")
+    for name in ("h1", "h2"):
+        done = bigcat("stats", tmp_path / f"{name}.h5ad", "--stats", "means,nnz", "--out", tmp_path / f"{name}.zarr")
+        assert done.returncode == 0, done.stderr
+    done = bigcat("stats", "--merge", tmp_path / "h1.zarr", tmp_path / "h2.zarr", "--out", tmp_path / "m.csv")
+    assert done.returncode == 0, done.stderr
+    merged = pd.read_csv(tmp_path / "m.csv")
+    np.testing.assert_allclose(merged["means"].to_numpy(), table["means"].to_numpy(), rtol=1e-5)
+    # bad input: one line, exit 2, nothing written
+    done = bigcat("stats", tmp_path / "a.h5ad", "--by", "nope", "--out", tmp_path / "bad.parquet")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "no obs column 'nope'" in done.stderr
+    assert not (tmp_path / "bad.parquet").exists()
