@@ -71,8 +71,8 @@ def repeat(command: list[str], n: int, before=None) -> dict:
     }
 
 
-def dataset(scale: str) -> Path:
-    size = SCALES[scale]
+def dataset(scale: str, clusters: int | None = None) -> Path:
+    size = {**SCALES[scale], **({"clusters": clusters} if clusters else {})}
     path = DATA / f"atlas-{scale}-{size['cells']}x{size['genes']}-{size['clusters']}cl.h5ad"
     if not path.exists():
         print(f"generating {path.name} …", flush=True)
@@ -169,6 +169,50 @@ def drop_cache_hint() -> None:
     """Nothing: we cannot drop the page cache without root privileges everywhere; runs are warm-cache."""
 
 
+STATS_BIGCAT = """
+import sys, time
+t = time.perf_counter()
+import bigcat
+ds = bigcat.cluster_stats(sys.argv[1], by="cluster", stats=("means", "present", "sqr_means"), engine=sys.argv[2])
+print(time.perf_counter() - t, int(ds.n_cells.sum()), ds.sizes["cluster"])
+"""
+
+STATS_SCANPY = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+import anndata as ad, scanpy as sc
+t = time.perf_counter()
+adata = ad.read_zarr(sys.argv[1])
+adata.X = adata.X.tocsr()
+t_load = time.perf_counter() - t
+t = time.perf_counter()
+agg = sc.get.aggregate(adata, by="cluster", func=["mean", "count_nonzero"])
+present = agg.layers["count_nonzero"] / agg.obs["n_cells"].to_numpy()[:, None] if "n_cells" in agg.obs else None
+adata.X = adata.X.power(2)
+sqr = sc.get.aggregate(adata, by="cluster", func=["mean"])
+t_compute = time.perf_counter() - t
+print(t_load, t_compute, agg.n_obs)
+"""
+
+R_MATRIX = r"""
+suppressMessages({library(Matrix); library(hdf5r)})
+args <- commandArgs(trailingOnly = TRUE)
+t0 <- Sys.time()
+f <- H5File$new(args[1], mode = "r")
+x <- sparseMatrix(j = f[["X/indices"]][] + 1, p = f[["X/indptr"]][], x = as.numeric(f[["X/data"]][]),
+                  dims = rev(h5attr(f[["X"]], "shape")))  # genes x cells
+cl <- factor(f[["obs/cluster/codes"]][])
+t1 <- Sys.time()
+ind <- sparse.model.matrix(~ cl - 1)  # cells x clusters
+n <- colSums(ind)
+means <- x %*% ind %*% Diagonal(x = 1 / n)
+present <- (x > 0) %*% ind %*% Diagonal(x = 1 / n)
+sqr <- (x^2) %*% ind %*% Diagonal(x = 1 / n)
+t2 <- Sys.time()
+cat(as.numeric(t1 - t0, units = "secs"), as.numeric(t2 - t1, units = "secs"), length(n), "\n")
+"""
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -228,6 +272,89 @@ def run_scale(scale: str, n_repeat: int) -> tuple[str, dict]:
     return "\n".join(lines), results
 
 
+def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict]:
+    import shutil
+
+    results: dict = {}
+    lines = [
+        f"### Cluster statistics, dataset {scale}: {SCALES[scale]['cells']:,} cells × {SCALES[scale]['genes']:,} genes "
+        "(means, present, sqr_means; sparse Zarr store on local disk, warm page cache where it fits)",
+        "",
+        "| clusters | competitor | wall (median, min–max) | peak RSS | non-zeros/s |",
+        "|---|---|---|---|---|",
+    ]
+    for k in clusters:
+        h5ad = dataset(scale, k)
+        store = DATA / (h5ad.stem + ".zarr")
+        if not store.exists():
+            measure([*BIGCAT, "convert", str(h5ad), str(store), "--quiet"])
+        with __import__("h5py").File(h5ad) as f:
+            nnz = int(f["X"]["data"].shape[0])
+        row: dict = {"nnz": nnz}
+        print(f"[{scale}/{k}] read-only ×{n_repeat}", flush=True)
+        row["read"] = repeat([sys.executable, "-c", READ_ZARR, str(store)], n_repeat)
+        print(f"[{scale}/{k}] bigcat blocks ×{n_repeat}", flush=True)
+        row["blocks"] = repeat([sys.executable, "-c", STATS_BIGCAT, str(store), "blocks"], n_repeat)
+        print(f"[{scale}/{k}] scanpy ×{n_repeat}", flush=True)
+        row["scanpy"] = repeat([sys.executable, "-c", STATS_SCANPY, str(store)], n_repeat)
+        if shutil.which("Rscript"):
+            print(f"[{scale}/{k}] R Matrix ×{n_repeat}", flush=True)
+            row["R"] = repeat(["Rscript", "-e", R_MATRIX, str(h5ad)], n_repeat)
+        else:
+            print("R (Rscript) is not installed: skipping the R Matrix competitor", flush=True)
+        if ARGS.groupby:
+            print(f"[{scale}/{k}] bigcat groupby ×1", flush=True)
+            row["groupby"] = repeat([sys.executable, "-c", STATS_BIGCAT, str(store), "groupby"], 1)
+        results[k] = row
+        b, r, sc = row["blocks"], row["read"], row["scanpy"]
+        t_load, t_compute = (float(v) for v in sc["stdout"].split()[:2])
+        result_bytes = 3 * 4 * k * SCALES[scale]["genes"]
+
+        def line(name: str, m: dict, note: str = "", nnz: int = nnz, k: int = k) -> str:
+            return (
+                f"| {k:,} | {name} | {m['wall']:.1f} s ({m['wall_min']:.1f}–{m['wall_max']:.1f}){note} | "
+                f"{gib(m['rss'])} | {nnz / m['wall']:.3g} |"
+            )
+
+        lines.append(line("read X's arrays from the store (physical-limit proxy)", r))
+        lines.append(line("**bigcat `blocks`**, end to end (process incl. imports, open, compute)", b))
+        lines.append(
+            line("scanpy.get.aggregate, load + compute", sc, f"; load {t_load:.1f} s, compute {t_compute:.1f} s")
+        )
+        if "R" in row:
+            r_load, r_compute = (float(v) for v in row["R"]["stdout"].split()[:2])
+            lines.append(
+                line("R Matrix indicator products", row["R"], f"; load {r_load:.1f} s, compute {r_compute:.1f} s")
+            )
+        if "groupby" in row:
+            lines.append(line("bigcat `groupby` (xarray + flox, densified blocks)", row["groupby"]))
+        row["scanpy_compute"] = t_compute
+        row["result_bytes"] = result_bytes
+    lines += ["", "Targets (same run):", ""]
+    for k, row in results.items():
+        b, r = row["blocks"]["wall"], row["read"]["wall"]
+        speedup, target_speedup = row["scanpy_compute"] / b, 4 if k == min(results) else 3
+        rss_limit = 2**31 + 2 * row["result_bytes"] * (k != min(results))
+        rss = row["blocks"]["rss_max"]
+        lines.append(
+            f"- {k:,} clusters: scanpy compute alone / bigcat end to end = **{speedup:.1f}×** "
+            f"(target ≥ {target_speedup}×) {_ok(speedup >= target_speedup)}; "
+            f"bigcat / read-only = **{b / r:.2f}×** (target ≤ 1.5×) {_ok(b / r <= 1.5)}; "
+            f"peak RSS {gib(rss)} (target ≤ {gib(rss_limit)}) {_ok(rss <= rss_limit)}"
+        )
+        if "R" in row:
+            lines.append(f"  - R Matrix / bigcat = {row['R']['wall'] / b:.1f}× (target ≥ 5×)")
+    if len(results) > 1:
+        lo, hi = min(results), max(results)
+        ratio = results[hi]["blocks"]["wall"] / results[lo]["blocks"]["wall"]
+        lines.append(f"- {hi:,} vs {lo:,} clusters: bigcat time ratio **{ratio:.2f}×** (target ≤ 1.5×)")
+    return "\n".join(lines), results
+
+
+def _ok(condition: bool) -> str:
+    return "met" if condition else "**missed**"
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -273,14 +400,23 @@ def main() -> None:
     parser.add_argument("--scale", nargs="+", default=["S"], choices=sorted(SCALES))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--only", choices=["convert", "stats"], help="Run one group of benchmarks.")
+    parser.add_argument("--clusters", nargs="+", type=int, default=[50, 5000], help="Cluster counts for stats.")
+    parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
     sections = []
     for scale in ARGS.scale:
-        text, results = run_scale(scale, ARGS.repeat)
-        print(text, flush=True)
-        sections.append(text)
-        (DATA / f"results-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
+        if ARGS.only in (None, "convert"):
+            text, results = run_scale(scale, ARGS.repeat)
+            print(text, flush=True)
+            sections.append(text)
+            (DATA / f"results-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
+        if ARGS.only in (None, "stats"):
+            text, results = run_stats(scale, ARGS.repeat, ARGS.clusters)
+            print(text, flush=True)
+            sections.append(text)
+            (DATA / f"results-stats-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
     write_report(sections, ARGS.report)
     print(f"wrote {ARGS.report}")
 

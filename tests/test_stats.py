@@ -192,13 +192,13 @@ def test_subsets_threshold_and_gene_order(stores, atlas):
     np.testing.assert_allclose(by_name["sums"].values, raw["sums"])
 
 
-def test_gene_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch):
-    """Force the many-clusters decomposition (one row partition × 4 gene ranges) and the
+def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch):
+    """Force the many-clusters decomposition (one row partition × 4 cluster ranges) and the
     few-clusters one (4 row partitions summed by a tree)."""
     expected = oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy())
-    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1))  # tiny budget → R = 1, G = 4
+    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1))  # tiny budget → R = 1, C = 4
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
-    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, G = 1
+    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, C = 1
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
 
 
@@ -342,7 +342,7 @@ def test_bad_requests(stores):
         cluster_stats(stores["sparse"], engine="magic")
 
 
-@pytest.mark.parametrize("budget", [1, 1 << 40], ids=["gene-ranges", "row-partitions"])
+@pytest.mark.parametrize("budget", [1, 1 << 40], ids=["cluster-ranges", "row-partitions"])
 @pytest.mark.parametrize("engine", ["blocks", "groupby"])
 def test_remote_scheduler(dask_scheduler, stores, atlas, monkeypatch, budget, engine):
     """The same code path on a real `dask scheduler` + `dask worker` pair on 127.0.0.1."""

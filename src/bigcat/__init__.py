@@ -12,6 +12,7 @@ from bigcat.convert import convert
 from bigcat.dataset import open_dataset, to_anndata
 from bigcat.errors import BigcatError, BigcatFormatError, BigcatInputError
 from bigcat.sample import sample
+from bigcat.stats import cluster_stats, merge_stats, read_stats, write_stats
 from bigcat.synth import synth
 
 try:
@@ -24,10 +25,14 @@ __all__ = [
     "BigcatFormatError",
     "BigcatInputError",
     "__version__",
+    "cluster_stats",
     "connect",
     "convert",
+    "merge_stats",
     "open_dataset",
+    "read_stats",
     "sample",
     "synth",
     "to_anndata",
+    "write_stats",
 ]

@@ -421,7 +421,7 @@ def cluster_stats(
     )
     client = _default_client(client)
     if engine == "blocks":
-        acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress, stats)
+        acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress)
     else:
         acc = _groupby(parts, len(clusters), gene_index, settings, client)
     attrs.update(
@@ -479,29 +479,57 @@ def _default_client(client: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Finishing: accumulators → statistics
 # --------------------------------------------------------------------------------------------
-def _derive(acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str], out: dict | None = None) -> dict:
-    """The float32 statistics from the accumulators, computed in slabs of clusters so no
-    float64 temporary of full size is ever made. ``out`` may hold preallocated arrays."""
-    n_clusters, n_genes = next(iter(acc.values())).shape
-    derived = {s: (out or {}).get(s) for s in stats if s in DERIVED}
-    for name in derived:
-        if derived[name] is None:
-            derived[name] = np.empty((n_clusters, n_genes), dtype=np.float32)
-    step = max(1, (1 << 22) // max(n_genes, 1))
-    for lo in range(0, n_clusters, step):
-        hi = min(lo + step, n_clusters)
-        n = n_cells[lo:hi, None].astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = acc["sums"][lo:hi] / n if "sums" in acc else None
-            sqr_mean = acc["sqr_sums"][lo:hi] / n if "sqr_sums" in acc else None
-            if "means" in derived:
-                derived["means"][lo:hi] = mean
-            if "sqr_means" in derived:
-                derived["sqr_means"][lo:hi] = sqr_mean
-            if "present" in derived:
-                derived["present"][lo:hi] = acc["present_counts"][lo:hi] / n
-            if "vars" in derived:
-                derived["vars"][lo:hi] = np.maximum(sqr_mean - mean * mean, 0.0)
+#: clusters per chunk of the lazily derived statistics (≈ 16 MB of float32 at 32,285 genes)
+DERIVED_CHUNK_BYTES = 16 << 20
+
+
+class _Slicer:
+    """An in-memory array seen through ``__getitem__`` only, so ``dask.array.from_array``
+    slices it per chunk on demand instead of copying it into chunks up front."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.shape, self.dtype, self.ndim = values.shape, values.dtype, values.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.values[key]
+
+
+def _lazy(values: np.ndarray, rows: int) -> Any:
+    import dask.array as da
+
+    meta = np.empty((0,) * values.ndim, dtype=values.dtype)
+    return da.from_array(_Slicer(values), chunks=(rows, -1), name=False, asarray=False, meta=meta)
+
+
+def _derive(acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str]) -> dict:
+    """The float32 statistics as lazy Dask arrays over the in-memory float64 accumulators.
+
+    They are elementwise and cheap, so they are computed when read (``.values``,
+    ``.load()``, ``write_stats``) chunk by chunk; the result of :func:`cluster_stats` then
+    costs only its accumulators' memory (with 5,000 clusters × 32,285 genes, eager float32
+    copies would add 0.65 GB per statistic, and freshly touched memory is slow here).
+    """
+    import dask.array as da
+
+    if not acc:
+        return {}
+    n_genes = next(iter(acc.values())).shape[1]
+    rows = max(1, DERIVED_CHUNK_BYTES // max(4 * n_genes, 1))
+    lazy = {name: _lazy(values, rows) for name, values in acc.items()}
+    n = _lazy(np.asarray(n_cells, dtype=np.float64)[:, None], rows)
+    derived = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = lazy["sums"] / n if "sums" in lazy else None
+        sqr_mean = lazy["sqr_sums"] / n if "sqr_sums" in lazy else None
+        if "means" in stats:
+            derived["means"] = mean.astype(np.float32)
+        if "sqr_means" in stats:
+            derived["sqr_means"] = sqr_mean.astype(np.float32)
+        if "present" in stats:
+            derived["present"] = (lazy["present_counts"] / n).astype(np.float32)
+        if "vars" in stats:
+            derived["vars"] = da.maximum(sqr_mean - mean * mean, 0.0).astype(np.float32)
     return derived
 
 
@@ -515,7 +543,7 @@ def _result(
 ) -> Any:
     import xarray as xr
 
-    derived = acc.pop("_derived", None) or _derive(acc, n_cells, stats)
+    derived = _derive(acc, n_cells, stats)
     variables = {"n_cells": (("cluster",), np.asarray(n_cells, dtype=np.int64))}
     for name in stats:
         if name in derived:
@@ -533,16 +561,27 @@ def _result(
 # --------------------------------------------------------------------------------------------
 # The blocks engine
 # --------------------------------------------------------------------------------------------
-def _zeros(settings: _Settings, n_clusters: int, width: int) -> dict[str, np.ndarray]:
-    return {name: np.zeros((n_clusters, width), dtype=ACC_DTYPES[name]) for name in settings.accumulators}
+def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zero-filled array whose pages are touched now, through ``np.empty``.
+
+    ``np.zeros`` takes lazily-zeroed pages from ``calloc`` without asking for transparent
+    huge pages; first touching them one 4 kB page fault at a time is measured here at
+    ~1.8 s/GB, against ~0.1 s/GB for ``np.empty`` (which NumPy madvises for huge pages)
+    followed by ``fill(0)``: at 5,000 clusters that is seconds per GB of accumulator.
+    """
+    out = np.empty(shape, dtype=dtype)
+    out.fill(0)
+    return out
 
 
-def _init_task(settings: _Settings, n_clusters: int, width: int, views: dict | None) -> dict:
+def _init_task(settings: _Settings, n_clusters: int, n_genes: int, views: dict | None) -> dict:
+    """A zeroed accumulator piece (its clusters × all output genes): views into the final
+    result when running in-process, else new arrays."""
     if views is not None:
         for view in views.values():
-            view[...] = 0
+            view.fill(0)
         return views
-    return _zeros(settings, n_clusters, width)
+    return {name: zeros((n_clusters, n_genes), ACC_DTYPES[name]) for name in settings.accumulators}
 
 
 _EMPTY_F = np.zeros((0, 0), dtype=np.float64)
@@ -556,6 +595,7 @@ def _fold_task(
     gene_map: np.ndarray,
     totals: np.ndarray | None,
     settings: _Settings,
+    c_lo: int,
 ) -> dict:
     """Fold one block into one accumulator piece, in place (the piece has a single owner:
     this chain of tasks), and hand it on."""
@@ -577,6 +617,7 @@ def _fold_task(
         settings.threshold,
         settings.op_ge,
         settings.count_fails,
+        c_lo,
         acc.get("sums", _EMPTY_F),
         acc.get("sqr_sums", _EMPTY_F),
         acc.get("present_counts", _EMPTY_I),
@@ -637,11 +678,10 @@ def _token_task(*_folds: Any) -> None:
     return None
 
 
-def _finalize_task(acc: dict, n_cells: np.ndarray, stats: tuple, settings: _Settings, out: dict | None) -> dict:
+def _finalize_task(acc: dict, n_cells: np.ndarray, settings: _Settings) -> dict:
     if settings.count_fails and "present_counts" in acc:
         present = acc["present_counts"]
-        np.subtract(n_cells[:, None].astype(np.int32), present, out=present)
-    acc["_derived"] = _derive({k: v for k, v in acc.items() if k != "_derived"}, n_cells, stats, out)
+        np.subtract(n_cells[:, None].astype(present.dtype), present, out=present)
     return acc
 
 
@@ -747,7 +787,6 @@ def _blocks(
     client: Any,
     block_nnz: int,
     progress: bool | None,
-    stats: tuple[str, ...],
 ) -> dict:
     from dask.base import tokenize
 
@@ -757,52 +796,50 @@ def _blocks(
     blocks = _plan_blocks(parts, settings, block_nnz, graph, token)
     in_process = client is None
 
-    # -- the decomposition: R row partitions × G gene ranges ----------------------------------
+    # -- the decomposition: R row partitions × C cluster ranges --------------------------------
     threads, memory = _n_threads(client)
     bytes_per_entry = sum(np.dtype(ACC_DTYPES[a]).itemsize for a in settings.accumulators)
     acc_bytes = max(n_clusters * n_out * bytes_per_entry, 1)
     budget = 0.25 * memory
-    n_rows_parts = int(max(1, min(threads, budget // acc_bytes, max(len(blocks), 1))))
-    n_gene_ranges = int(max(1, min(threads // n_rows_parts, n_out)))
+    n_row_parts = int(max(1, min(threads, budget // acc_bytes, max(len(blocks), 1))))
+    n_ranges = int(max(1, min(threads // n_row_parts, n_clusters)))
+    all_codes = np.concatenate([p.codes for p in parts])
+    n_cells = np.bincount(all_codes[all_codes >= 0], minlength=n_clusters).astype(np.int64)
+    # cluster ranges holding about the same number of cells (cluster sizes are very skewed)
+    cum = np.cumsum(n_cells)
+    edges = np.searchsorted(cum, np.linspace(0, cum[-1] if len(cum) else 0, n_ranges + 1)[1:-1], side="left") + 1
+    edges = np.unique(np.r_[0, np.minimum(edges, n_clusters), n_clusters]).astype(np.int64)
+    n_ranges = len(edges) - 1
     log.info(
-        "blocks engine: %d blocks, %d clusters × %d genes (%.2f GB accumulators), %d row partitions × %d gene ranges",
+        "blocks engine: %d blocks; %d clusters × %d genes (%.2f GB of accumulators) as %d row partitions × %d "
+        "cluster ranges",
         len(blocks),
         n_clusters,
         n_out,
         acc_bytes / 1e9,
-        n_rows_parts,
-        n_gene_ranges,
+        n_row_parts,
+        n_ranges,
     )
-    edges = np.linspace(0, n_out, n_gene_ranges + 1).astype(np.int64)
-    # gene_map for range g: absolute gene → column within the range (-1 elsewhere)
-    out_col = np.full(n_genes_total, -1, dtype=np.int64)
-    out_col[gene_index] = np.arange(n_out)
-    gene_maps, range_of_gene = [], np.full(n_genes_total, -1, dtype=np.int64)
-    for g in range(n_gene_ranges):
-        lo, hi = edges[g], edges[g + 1]
-        inside = (out_col >= lo) & (out_col < hi)
-        gene_maps.append(np.where(inside, out_col - lo, -1).astype(np.int32))
-        range_of_gene[inside] = g
+    gene_map = np.full(n_genes_total, -1, dtype=np.int32)
+    gene_map[gene_index] = np.arange(n_out, dtype=np.int32)
 
-    # -- preallocated results (in-process: chain 0 of each range accumulates in place) -------------
-    out = {name: np.zeros((n_clusters, n_out), dtype=ACC_DTYPES[name]) for name in settings.accumulators}
-    all_codes = np.concatenate([p.codes for p in parts])
-    n_cells = np.bincount(all_codes[all_codes >= 0], minlength=n_clusters).astype(np.int64)
-    derived_out = {s: np.empty((n_clusters, n_out), dtype=np.float32) for s in stats if s in DERIVED}
+    # -- preallocated results (in-process, chain 0 of each range accumulates into them) -----------
+    # np.empty: in-process, each range's init task zeroes its own rows, so first touching
+    # fresh memory (slow on some VMs) runs in parallel, one range per thread; with a client,
+    # every range's result is copied in
+    out = {name: np.empty((n_clusters, n_out), ACC_DTYPES[name]) for name in settings.accumulators}
 
-    chains: dict[tuple[int, int], list[str]] = {}
     final_keys = []
-    for r in range(n_rows_parts):
-        mine = blocks[len(blocks) * r // n_rows_parts : len(blocks) * (r + 1) // n_rows_parts]
+    chains: dict[tuple[int, int], str] = {}
+    for r in range(n_row_parts):
+        mine = blocks[len(blocks) * r // n_row_parts : len(blocks) * (r + 1) // n_row_parts]
         last = {}
-        for g in range(n_gene_ranges):
-            key = f"bigcat-init-{token}-{r}-{g}"
-            width = int(edges[g + 1] - edges[g])
-            views = None
-            if in_process and r == 0:
-                views = {name: out[name][:, edges[g] : edges[g + 1]] for name in settings.accumulators}
-            graph[key] = (_init_task, settings, n_clusters, width, views)
-            last[g] = key
+        for c in range(n_ranges):
+            lo, hi = int(edges[c]), int(edges[c + 1])
+            key = f"bigcat-init-{token}-{r}-{c}"
+            views = {name: a[lo:hi] for name, a in out.items()} if in_process and r == 0 else None
+            graph[key] = (_init_task, settings, hi - lo, n_out, views)
+            last[c] = key
         tokens: list[str] = []
         for k, block in enumerate(mine):
             read_key = f"bigcat-read-{token}-{r}-{k}"
@@ -810,37 +847,36 @@ def _blocks(
             if block.lookahead and k >= LOOKAHEAD:
                 read = (*read, tokens[k - LOOKAHEAD])
             graph[read_key] = read
-            touched = np.unique(range_of_gene[block.col_lo : block.col_hi])
             folds = []
-            for g in touched[touched >= 0]:
-                key = f"bigcat-fold-{token}-{r}-{g}-{k}"
-                graph[key] = (_fold_task, last[g], read_key, block.codes, gene_maps[g], block.totals, settings)
-                last[g] = key
+            for c in range(n_ranges):
+                lo, hi = int(edges[c]), int(edges[c + 1])
+                if n_ranges > 1 and not ((block.codes >= lo) & (block.codes < hi)).any():
+                    continue
+                key = f"bigcat-fold-{token}-{r}-{c}-{k}"
+                graph[key] = (_fold_task, last[c], read_key, block.codes, gene_map, block.totals, settings, lo)
+                last[c] = key
                 folds.append(key)
             tok = f"bigcat-token-{token}-{r}-{k}"
             graph[tok] = (_token_task, *folds)
             tokens.append(tok)
-        for g in range(n_gene_ranges):
-            chains[(r, g)] = last[g]
-    for g in range(n_gene_ranges):
-        level = [chains[(r, g)] for r in range(n_rows_parts)]
+        for c in range(n_ranges):
+            chains[(r, c)] = last[c]
+    for c in range(n_ranges):
+        lo, hi = int(edges[c]), int(edges[c + 1])
+        level = [chains[(r, c)] for r in range(n_row_parts)]
         depth = 0
         while len(level) > 1:
             nxt = []
             for i in range(0, len(level), FAN_IN):
-                key = f"bigcat-add-{token}-{g}-{depth}-{i}"
+                key = f"bigcat-add-{token}-{c}-{depth}-{i}"
                 graph[key] = (_add_task, *level[i : i + FAN_IN])
                 nxt.append(key)
             level, depth = nxt, depth + 1
-        key = f"bigcat-final-{token}-{g}"
-        views = None
-        if in_process:
-            views = {s: a[:, edges[g] : edges[g + 1]] for s, a in derived_out.items()}
-        graph[key] = (_finalize_task, level[0], n_cells, stats, settings, views)
+        key = f"bigcat-final-{token}-{c}"
+        graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
     n_folds = sum(1 for k in graph if isinstance(k, str) and k.startswith("bigcat-fold-"))
-    _run(graph, final_keys, client, n_folds, progress, out, derived_out, edges)
-    out["_derived"] = derived_out
+    _run(graph, final_keys, client, n_folds, progress, out, edges)
     return out
 
 
@@ -851,20 +887,17 @@ def _run(
     n_folds: int,
     progress: bool | None,
     out: dict,
-    derived_out: dict,
     edges: np.ndarray,
 ) -> None:
     """Execute the graph on the configured scheduler; place each gene range's result."""
     from bigcat.progress import progress_bar
 
-    def place(g: int, acc: dict) -> None:
-        lo, hi = int(edges[g]), int(edges[g + 1])
-        derived = acc.pop("_derived")
-        for target, pieces in ((out, acc), (derived_out, derived)):
-            for name, values in pieces.items():
-                view = target[name][:, lo:hi]
-                if not np.shares_memory(view, values):
-                    view[...] = values
+    def place(c: int, piece: dict) -> None:
+        lo, hi = int(edges[c]), int(edges[c + 1])
+        for name, array in piece.items():
+            view = out[name][lo:hi]
+            if not np.shares_memory(view, array):
+                view[...] = array
 
     with progress_bar(total=n_folds, unit="blocks", desc="stats", enabled=progress) as bar:
         if client is None:
@@ -1023,7 +1056,7 @@ def merge_stats(results: Sequence[Any]) -> Any:
         clusters = clusters.append(pd.Index(ds["cluster"].values).difference(clusters, sort=False))
     n_cells = np.zeros(len(clusters), dtype=np.int64)
     names = [a for a in ACCUMULATORS if all(a in ds for ds in loaded)]
-    acc = {a: np.zeros((len(clusters), len(genes)), dtype=ACC_DTYPES[a]) for a in names}
+    acc = {a: zeros((len(clusters), len(genes)), ACC_DTYPES[a]) for a in names}
     for ds in loaded:
         rows = clusters.get_indexer(pd.Index(ds["cluster"].values))
         n_cells[rows] += ds["n_cells"].values
