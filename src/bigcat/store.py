@@ -228,36 +228,72 @@ class MatrixWriter(ABC):
 
 
 class _GrowingArray:
-    """Appends 1-D data to a Zarr array in whole shards, keeping only the tail in memory."""
+    """Appends 1-D data to a Zarr array in whole shards, written in the background.
 
-    def __init__(self, array: Any, shard: int) -> None:
+    Values are copied into one of two reusable shard-sized buffers; a full buffer is
+    handed to a writer thread (Zarr encodes and writes it) while the next one fills, so
+    reading the input, compressing and writing overlap. Reusing two buffers instead of
+    allocating a new one per shard also avoids first-touch page faults, which are costly
+    on virtual machines.
+    """
+
+    def __init__(self, array: Any, shard: int, dtype: np.dtype) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.array = array
         self.shard = shard
-        self.pending: list[np.ndarray] = []
-        self.n_pending = 0
+        self.dtype = np.dtype(dtype)
+        self.buffers = [np.empty(0, dtype=self.dtype), np.empty(0, dtype=self.dtype)]
+        self.pending: list[Any] = [None, None]  # the write of each buffer in flight
+        self.current = 0
+        self.fill = 0
         self.n_written = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="bigcat-write")
+
+    def _buffer(self) -> np.ndarray:
+        i = self.current
+        if self.pending[i] is not None:
+            self.pending[i].result()
+            self.pending[i] = None
+        if len(self.buffers[i]) < self.shard:
+            self.buffers[i] = np.empty(self.shard, dtype=self.dtype)
+        return self.buffers[i]
 
     def append(self, values: np.ndarray) -> None:
-        self.pending.append(values)
-        self.n_pending += len(values)
-        if self.n_pending >= self.shard:
-            self._flush(final=False)
+        values = np.asarray(values, dtype=self.dtype)
+        while len(values):
+            buffer = self._buffer()
+            n = min(len(values), self.shard - self.fill)
+            buffer[self.fill : self.fill + n] = values[:n]
+            self.fill += n
+            values = values[n:]
+            if self.fill == self.shard:
+                self._submit()
 
-    def _flush(self, *, final: bool) -> None:
-        if not self.pending:
+    def _submit(self) -> None:
+        if not self.fill:
             return
-        buffer = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        n = len(buffer) if final else (len(buffer) // self.shard) * self.shard
-        if n:
-            self.array.resize((self.n_written + n,))
-            self.array[self.n_written : self.n_written + n] = buffer[:n]
-            self.n_written += n
-        rest = buffer[n:]
-        self.pending = [rest] if len(rest) else []
-        self.n_pending = len(rest)
+        start, n, i = self.n_written, self.fill, self.current
+
+        def write() -> None:
+            self.array.resize((start + n,))
+            self.array[start : start + n] = self.buffers[i][:n]
+
+        self.pending[i] = self.pool.submit(write)
+        self.n_written += n
+        self.fill = 0
+        self.current = 1 - i
 
     def close(self) -> None:
-        self._flush(final=True)
+        """Write the tail and wait for every write (re-raising its error, if any)."""
+        try:
+            self._submit()
+            for future in self.pending:
+                if future is not None:
+                    future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+            self.buffers = []
 
 
 def _write_anndata_elements(group: Any, obs: pd.DataFrame, var: pd.DataFrame, uns: Mapping) -> None:
@@ -318,8 +354,8 @@ class SparseZarrWriter(MatrixWriter):
             "compressors": sparse_compressors(),
             "fill_value": 0,
         }
-        self.data = _GrowingArray(x.create_array("data", dtype=self.dtype, **kwargs), SPARSE_SHARD)
-        self.indices = _GrowingArray(x.create_array("indices", dtype=index_dtype, **kwargs), SPARSE_SHARD)
+        self.data = _GrowingArray(x.create_array("data", dtype=self.dtype, **kwargs), SPARSE_SHARD, self.dtype)
+        self.indices = _GrowingArray(x.create_array("indices", dtype=index_dtype, **kwargs), SPARSE_SHARD, index_dtype)
         self.index_dtype = index_dtype
         self.row_nnz = np.zeros(self.n_cells, dtype=np.int64)
 
@@ -328,6 +364,12 @@ class SparseZarrWriter(MatrixWriter):
         self.row_nnz[start : start + block.shape[0]] = np.diff(block.indptr)
         self.data.append(np.asarray(block.data, dtype=self.dtype))
         self.indices.append(np.asarray(block.indices, dtype=self.index_dtype))
+
+    def abort(self) -> None:
+        """Wait for the background writes (so none races the removal of the output)."""
+        for array in (self.data, self.indices):
+            with contextlib.suppress(Exception):
+                array.close()
 
     def finish(self, marker: dict) -> None:
         import zarr
