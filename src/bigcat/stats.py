@@ -8,12 +8,13 @@ statistic; nothing is densified.
 Memory is bounded by a 2-D decomposition of the accumulator instead of one partial per
 block (which at 5,000 clusters × 32,285 genes would be 1.3 GB *per statistic per block*):
 
-- the accumulator (clusters × genes) is split into ``G`` gene ranges, and the row blocks
-  into ``R`` row partitions; each of the ``R × G`` pieces has exactly one owner, a chain
-  of tasks that folds its blocks one after the other into it (no per-block partials);
+- the accumulator (clusters × genes) is split into ``C`` cluster ranges, and the row
+  blocks into ``R`` row partitions; each of the ``R × C`` pieces has exactly one owner, a
+  chain of tasks that folds its blocks one after the other into it (no per-block partials);
 - ``R`` is as large as the memory budget allows (with few clusters: one piece per
   thread, summed by a tree of fan-in ≤ 8 at the end); with many clusters ``R = 1`` and
-  the threads split the genes instead, so there is exactly one accumulator in memory;
+  the threads split the clusters instead (ranges balanced by cells; a thread visits only
+  its clusters' rows of each block), so there is exactly one accumulator in memory;
 - reads run at most two blocks ahead of each chain, so blocks never pile up in memory.
 
 The ``groupby`` engine is the "native xarray" reference: ``xarray`` ``groupby`` with
@@ -335,11 +336,12 @@ def cluster_stats(
     Returns
     -------
     xarray.Dataset
-        Dims ``(cluster, gene)``; a float32 variable per requested statistic; ``n_cells
-        (cluster)``; and the additive accumulators it derives from (``sums``/``sqr_sums``
-        float64, ``present_counts``/``nnz`` int32), so results over disjoint cells merge
-        exactly (:func:`merge_stats`). Only clusters with at least one selected cell appear.
-        ``attrs`` record the inputs and options.
+        Dims ``(cluster, gene)``; ``n_cells(cluster)``; the additive accumulators, in
+        memory (``sums``/``sqr_sums`` float64, ``present_counts``/``nnz`` int32), so results
+        over disjoint cells merge exactly (:func:`merge_stats`); and a float32 variable per
+        requested statistic, lazy (Dask) over the accumulators — ``.load()`` materializes
+        them. Only clusters with at least one selected cell appear. ``attrs`` record the
+        inputs and options.
 
     Raises
     ------
