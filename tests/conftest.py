@@ -72,49 +72,69 @@ def dense(x) -> np.ndarray:
     return np.asarray(x)
 
 
-@pytest.fixture(scope="session")
-def dask_scheduler(tmp_path_factory: pytest.TempPathFactory):
-    """A real ``dask scheduler`` and ``dask worker`` (2 threads) on 127.0.0.1; yields the address."""
-    import json
-    import subprocess
-    import sys
-    import time
+class DaskProcesses:
+    """A real ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (free ports)."""
 
-    folder = tmp_path_factory.mktemp("dask")
-    info = folder / "scheduler.json"
-    dask = str(Path(sys.executable).parent / "dask")
-    logs = [(folder / "scheduler.log").open("w"), (folder / "worker.log").open("w")]
-    scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
-         "--scheduler-file", str(info)],
-        stdout=logs[0], stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    procs = [scheduler]
-    try:
+    def __init__(self, folder: Path, n_workers: int = 2, threads: int = 1) -> None:
+        import json
+        import subprocess
+        import sys
+        import time
+
+        self.folder = folder
+        self.procs: list = []
+        self.workers: list = []
+        info = folder / "scheduler.json"
+        dask = str(Path(sys.executable).parent / "dask")
+        self.logs = [(folder / "scheduler.log").open("w")]
+        scheduler = subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+             "--scheduler-file", str(info)],
+            stdout=self.logs[0], stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.procs.append(scheduler)
         deadline = time.monotonic() + 60
         while not info.exists() or not info.read_text().strip():
             if time.monotonic() > deadline or scheduler.poll() is not None:
+                self.close()
                 pytest.fail(f"dask scheduler did not start: {(folder / 'scheduler.log').read_text()}")
             time.sleep(0.1)
-        address = json.loads(info.read_text())["address"]
-        worker = subprocess.Popen(
-            [dask, "worker", address, "--nthreads", "2", "--nworkers", "1", "--memory-limit", "6GB",
-             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
-            stdout=logs[1], stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        procs.append(worker)
+        self.address = json.loads(info.read_text())["address"]
+        for i in range(n_workers):
+            log = (folder / f"worker{i}.log").open("w")
+            self.logs.append(log)
+            worker = subprocess.Popen(
+                [dask, "worker", self.address, "--nthreads", str(threads), "--nworkers", "1", "--memory-limit",
+                 "3GB", "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            self.procs.append(worker)
+            self.workers.append(worker)
         from distributed import Client
 
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(1, timeout=60)
-        yield address
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
+        with Client(self.address, timeout=60) as client:
+            client.wait_for_workers(n_workers, timeout=60)
+
+    def close(self) -> None:
+        import subprocess
+
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for log in logs:
+        for log in self.logs:
             log.close()
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(tmp_path_factory: pytest.TempPathFactory):
+    """Address of a session-wide scheduler with two single-threaded worker processes."""
+    processes = DaskProcesses(tmp_path_factory.mktemp("dask"), n_workers=2, threads=1)
+    try:
+        yield processes.address
+    finally:
+        processes.close()

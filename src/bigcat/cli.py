@@ -24,11 +24,28 @@ log = logging.getLogger("bigcat")
 _state = {"debug": False}
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ForceProgress = Annotated[bool, typer.Option("--progress", help="Show the progress bar even when not on a terminal.")]
+ClusterSpec = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--cluster",
+        help="local (default), threads, sync, tcp://HOST:PORT or cluster.yaml (default: $DASK_SCHEDULER_ADDRESS).",
+    ),
+]
+IdleTimeout = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--idle-timeout", help="Clusters bigcat starts stop after this long idle, e.g. '30 minutes'."),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only one bigcat wrote).")]
 
 
-def _progress(quiet: bool) -> bool | None:
-    return False if quiet else None
+def _progress(quiet: bool, force: bool = False) -> bool | None:
+    return False if quiet else True if force else None
+
+
+def _dashboard(client: object) -> None:
+    if client is not None:
+        typer.echo(f"bigcat: Dask dashboard: {client.dashboard_link}", err=True)
 
 
 @app.callback()
@@ -82,13 +99,32 @@ def convert(
     output: Annotated[Path, typer.Argument(help="OUT.zarr")],
     layout: Annotated[str, typer.Option("--layout", help="sparse (AnnData encoding) or dense (xarray).")] = "sparse",
     chunk_cells: Annotated[Optional[int], typer.Option("--chunk-cells", help="Rows per dense chunk (8000).")] = None,  # noqa: UP045
+    cluster: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--cluster", help="Copy a CSR input in parallel on this Dask cluster (default: stream here)."),
+    ] = None,
+    idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    progress: ForceProgress = False,
 ) -> None:
     """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory."""
+    import contextlib
+
+    from bigcat.cluster import connect
     from bigcat.convert import convert as run
 
-    path = run(input, output, layout=layout, chunk_cells=chunk_cells, overwrite=overwrite, progress=_progress(quiet))
+    with connect(cluster, idle_timeout=idle_timeout) if cluster else contextlib.nullcontext() as client:
+        _dashboard(client)
+        path = run(
+            input,
+            output,
+            layout=layout,
+            chunk_cells=chunk_cells,
+            overwrite=overwrite,
+            progress=_progress(quiet, progress),
+            client=client,
+        )
     typer.echo(f"wrote {path}")
 
 
@@ -148,9 +184,11 @@ def stats(
     out: Annotated[Optional[Path], typer.Option("--out", help="stats.zarr|.parquet|.h5ad|.csv")] = None,  # noqa: UP045
     wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
-    cluster: Annotated[str, typer.Option("--cluster", help="threads (default), local or sync.")] = "threads",
+    cluster: ClusterSpec = None,
+    idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    progress: ForceProgress = False,
 ) -> None:
     """Per-cluster statistics (means, present, sqr_means, …), out of core."""
     from bigcat.cluster import connect
@@ -166,7 +204,8 @@ def stats(
             raise BigcatInputError(msg)
         result = merge_stats(inputs)
     else:
-        with connect(cluster) as client:
+        with connect(cluster, idle_timeout=idle_timeout) as client:
+            _dashboard(client)
             result = cluster_stats(
                 [str(p) for p in inputs],
                 by=by,
@@ -181,7 +220,7 @@ def stats(
                 seed=seed,
                 engine=engine,
                 client=client,
-                progress=_progress(quiet),
+                progress=_progress(quiet, progress),
             )
     if out is None:
         typer.echo(result)
@@ -193,13 +232,14 @@ def stats(
 @app.command("open")
 def open_(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Files to open as data1 … dataN.")] = None,  # noqa: UP045
-    cluster: Annotated[str, typer.Option("--cluster", help="local, threads or sync.")] = "local",
+    cluster: ClusterSpec = None,
+    idle_timeout: IdleTimeout = None,
     command: Annotated[Optional[str], typer.Option("--command", "-c", help="Run this code and exit.")] = None,  # noqa: UP045
 ) -> None:
     """An interactive Python shell with the datasets opened and a Dask client ready."""
     from bigcat.shell import open_shell
 
-    open_shell(paths or [], cluster=cluster, command=command)
+    open_shell(paths or [], cluster=cluster, command=command, idle_timeout=idle_timeout)
 
 
 @app.command()

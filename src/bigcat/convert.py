@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from bigcat.progress import progress_bar
 from bigcat.readers import BLOCK_NNZ, open_source
-from bigcat.store import DENSE_CHUNK_CELLS, open_writer, output_kind
+from bigcat.store import DENSE_CHUNK_CELLS, SPARSE_SHARD, open_writer, output_kind
 from bigcat.util import prefetch
 
 __all__ = ["convert"]
@@ -25,6 +26,7 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
     block_nnz: int = BLOCK_NNZ,
+    client: Any = None,
 ) -> Path:
     """Convert an AnnData file to a bigcat store (or another ``.h5ad``), row block by row block.
 
@@ -46,6 +48,10 @@ def convert(
         Show a progress bar; ``None``: only on a terminal.
     block_nnz
         Stored values read per block: memory is about ``block_nnz × 30`` bytes.
+    client
+        A ``distributed.Client``: a CSR input converted to the sparse layout is then copied
+        as parallel tasks, one per output shard (the workers must see the input and the
+        output folder). Other inputs and layouts stream through this process.
 
     Returns
     -------
@@ -85,9 +91,18 @@ def convert(
             ) as writer,
             progress_bar(total=source.shape[0], unit="cells", desc="convert", enabled=progress) as bar,
         ):
-            blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells)
-            for start, stop, block in prefetch(blocks):
-                writer.write_rows(block)
-                bar.update(stop - start)
+            if client is not None and source.encoding == "csr" and hasattr(writer, "copy_csr"):
+                from bigcat.cluster import check_visible
+
+                check_visible(client, [source.path, Path(output).resolve().parent])
+                bar.total, bar.unit = source.nnz, "values"
+                writer.copy_csr(source, client, progress=lambda lo: bar.update(min(SPARSE_SHARD, source.nnz - lo)))
+            else:
+                if client is not None:
+                    log.info("%s: %s X streams through this process (no parallel copy)", input, source.encoding)
+                blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells)
+                for start, stop, block in prefetch(blocks):
+                    writer.write_rows(block)
+                    bar.update(stop - start)
         log.info("converted %s (%d × %d, %d values) to %s", input, *source.shape, writer.nnz_written, output)
     return Path(output)

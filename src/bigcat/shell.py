@@ -33,9 +33,10 @@ def _banner(namespace: dict[str, Any], names: list[str], client: Any) -> str:
 def open_shell(
     paths: Sequence[str | os.PathLike] = (),
     *,
-    cluster: str = "local",
+    cluster: str | None = None,
     command: str | None = None,
     use_ipython: bool | None = None,
+    idle_timeout: str | None = None,
 ) -> dict[str, Any]:
     """Open ``paths`` as ``data1 … dataN`` and start an interactive shell with a Dask client.
 
@@ -44,11 +45,14 @@ def open_shell(
     paths
         Files to open with :func:`bigcat.open_dataset` (h5ad, Zarr, Parquet).
     cluster
-        Cluster spec for :func:`bigcat.cluster.connect`; closed when the shell exits.
+        Cluster spec for :func:`bigcat.cluster.connect` (``None``: ``$DASK_SCHEDULER_ADDRESS``
+        or ``local``); a cluster bigcat started is closed when the shell exits.
     command
         Run this code instead of an interactive session (like ``python -c``).
     use_ipython
         Use IPython (when installed); ``None``: when stdin is a terminal.
+    idle_timeout
+        Stop a cluster bigcat starts after this long without work.
 
     Returns
     -------
@@ -67,7 +71,7 @@ def open_shell(
     for i, path in enumerate(paths, start=1):
         namespace[f"data{i}"] = open_dataset(path)
         names.append(f"data{i}")
-    with connect(cluster) as client:
+    with connect(cluster, idle_timeout=idle_timeout) as client:
         namespace["client"] = client
         banner = _banner(namespace, names, client)
         print(banner, flush=True)

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -470,6 +471,8 @@ def _default_client(client: Any) -> Any:
 
     if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
         return None
+    if "distributed" not in sys.modules:  # no client can exist; skip importing distributed
+        return None
     try:
         from distributed import default_client
 
@@ -796,7 +799,11 @@ def _blocks(
     token = tokenize([p.name for p in parts], [p.codes for p in parts], gene_index, settings, block_nnz, os.getpid())
     graph: dict = {}
     blocks = _plan_blocks(parts, settings, block_nnz, graph, token)
-    in_process = client is None
+    in_process = client is None or _inproc(client)
+    if client is not None:
+        from bigcat.cluster import check_visible
+
+        check_visible(client, [p.source.path for p in parts if p.source is not None])
 
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
     threads, memory = _n_threads(client)
@@ -877,8 +884,7 @@ def _blocks(
         key = f"bigcat-final-{token}-{c}"
         graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
-    n_folds = sum(1 for k in graph if isinstance(k, str) and k.startswith("bigcat-fold-"))
-    _run(graph, final_keys, client, n_folds, progress, out, edges)
+    _run(graph, final_keys, client, progress, out, edges)
     return out
 
 
@@ -886,12 +892,11 @@ def _run(
     graph: dict,
     final_keys: list[str],
     client: Any,
-    n_folds: int,
     progress: bool | None,
     out: dict,
     edges: np.ndarray,
 ) -> None:
-    """Execute the graph on the configured scheduler; place each gene range's result."""
+    """Execute the graph on the configured scheduler; place each cluster range's result."""
     from bigcat.progress import progress_bar
 
     def place(c: int, piece: dict) -> None:
@@ -901,13 +906,14 @@ def _run(
             if not np.shares_memory(view, array):
                 view[...] = array
 
-    with progress_bar(total=n_folds, unit="blocks", desc="stats", enabled=progress) as bar:
+    tokens = [k for k in graph if isinstance(k, str) and k.startswith("bigcat-token-")]
+    with progress_bar(total=len(tokens), unit="blocks", desc="stats", enabled=progress) as bar:
         if client is None:
             import dask
             from dask.callbacks import Callback
 
             def posttask(key: Any, *_: Any) -> None:
-                if isinstance(key, str) and key.startswith("bigcat-fold-"):
+                if isinstance(key, str) and key.startswith("bigcat-token-"):
                     bar.update(1)
 
             scheduler = dask.config.get("scheduler", None) or "threads"
@@ -920,17 +926,28 @@ def _run(
                     from dask.threaded import get
 
                     results = get(graph, final_keys, num_workers=_n_threads(None)[0])
-            for g, acc in enumerate(results):
-                place(g, acc)
+            for c, acc in enumerate(results):
+                place(c, acc)
             return
         from distributed import as_completed
 
-        futures = client.get(graph, final_keys, sync=False)
-        position = {f.key: g for g, f in enumerate(futures)}
+        # futures on the (tiny) per-block tokens drive the progress bar
+        futures = client.get(graph, [*final_keys, *tokens], sync=False)
+        position = {f.key: c for c, f in enumerate(futures[: len(final_keys)])}
         for future in as_completed(futures):
-            place(position[future.key], future.result())
+            if future.key in position:
+                place(position[future.key], future.result())
+            else:
+                bar.update(1)
             future.release()
-            bar.update(n_folds / max(len(final_keys), 1))
+
+
+def _inproc(client: Any) -> bool:
+    """Whether the client's workers run in this process (results arrive by reference)."""
+    try:
+        return str(client.scheduler.address).startswith("inproc://")
+    except AttributeError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------

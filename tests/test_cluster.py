@@ -1,0 +1,160 @@
+"""Running on Dask clusters: real `dask scheduler`/`dask worker` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import bigcat
+from bigcat.cluster import check_visible, connect
+from bigcat.errors import BigcatError, BigcatInputError
+from conftest import DaskProcesses, dense
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory):
+    """A CSR atlas of raw counts (sums of integers are exact in float64 in any order)."""
+    path = tmp_path_factory.mktemp("counts") / "atlas.h5ad"
+    bigcat.synth(path, n_cells=6000, n_genes=800, n_clusters=9, nnz_per_cell=60, seed=3, progress=False)
+    return path
+
+
+def test_convert_and_stats_through_a_remote_scheduler_match_the_local_run(dask_scheduler, counts, tmp_path):
+    from distributed import Client
+
+    local_store = bigcat.convert(counts, tmp_path / "local.zarr", progress=False)
+    with Client(dask_scheduler) as client:
+        remote_store = bigcat.convert(counts, tmp_path / "remote.zarr", progress=False, client=client)
+        remote = bigcat.cluster_stats(remote_store, stats="sums,present,nnz,means", block_nnz=20_000, client=client)
+    src = dense(ad.read_h5ad(counts).X)
+    np.testing.assert_array_equal(dense(ad.read_zarr(remote_store).X), src)
+    np.testing.assert_array_equal(dense(ad.read_zarr(local_store).X), src)
+    local = bigcat.cluster_stats(local_store, stats="sums,present,nnz,means", block_nnz=20_000)
+    for name in ("n_cells", "sums", "present_counts", "nnz"):
+        np.testing.assert_array_equal(remote[name].values, local[name].values, err_msg=name)
+    np.testing.assert_array_equal(remote["means"].values, local["means"].values)
+
+
+def test_stats_survive_a_killed_worker(counts, tmp_path):
+    """SIGKILL one of two workers mid-run: Dask recomputes what was lost; results stay exact."""
+    from distributed import Client
+
+    store = bigcat.convert(counts, tmp_path / "atlas.zarr", progress=False)
+    expected = bigcat.cluster_stats(store, stats="sums,nnz")
+    processes = DaskProcesses(tmp_path, n_workers=2, threads=1)
+    try:
+        with Client(processes.address) as client:
+            outcome: dict = {}
+
+            def run() -> None:
+                try:
+                    outcome["result"] = bigcat.cluster_stats(store, stats="sums,nnz", block_nnz=2_000, client=client)
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    outcome["error"] = error
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # wait until work is under way
+                processing = client.processing()
+                if any(processing.values()):
+                    break
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert thread.is_alive(), "the run ended before the worker could be killed"
+            victim = processes.workers[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            thread.join(timeout=120)
+            assert not thread.is_alive()
+            assert victim.wait(timeout=10) == -signal.SIGKILL
+        assert "error" not in outcome, outcome.get("error")
+        for name in ("n_cells", "sums", "nnz"):
+            np.testing.assert_array_equal(outcome["result"][name].values, expected[name].values, err_msg=name)
+    finally:
+        processes.close()
+
+
+def test_unreachable_scheduler_fails_fast_and_clearly(counts, tmp_path):
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "bigcat", "stats", str(counts), "--cluster", "tcp://127.0.0.1:9", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 1
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert time.monotonic() - start < 60
+
+
+def test_scheduler_address_from_the_environment(dask_scheduler, monkeypatch):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_scheduler)
+    with connect() as client:
+        assert client.scheduler.address == dask_scheduler
+        assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_yaml_deploy_class_with_adapt_and_idle_timeout(counts, tmp_path):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        "class: distributed.LocalCluster\n"
+        "kwargs: {n_workers: 0, threads_per_worker: 1, processes: false, dashboard_address: '127.0.0.1:0'}\n"
+        "adapt: {minimum: 1, maximum: 2}\n"
+        "idle_timeout: 1 hour\n"
+    )
+    with connect(spec) as client:
+        result = bigcat.cluster_stats(counts, stats="nnz", client=client)
+        timeout = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.idle_timeout)
+        assert client.cluster._adaptive is not None
+    assert timeout == 3600
+    x = dense(ad.read_h5ad(counts).X)
+    assert int(result["nnz"].values.sum()) == int((x != 0).sum())
+
+
+def test_missing_deploy_package_names_the_extra(tmp_path):
+    spec = tmp_path / "slurm.yaml"
+    spec.write_text("class: dask_jobqueue_not_installed_here.SLURMCluster\nkwargs: {cores: 4}\n")
+    with pytest.raises(BigcatError, match="not installed"), connect(spec):
+        pass
+    spec.write_text("class: dask_jobqueue.SLURMCluster\nkwargs: {cores: 4}\n")
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        with pytest.raises(BigcatError, match=r"pip install 'bigcat\[slurm\]'"), connect(spec):
+            pass
+    spec.write_text("kwargs: {cores: 4}\n")
+    with pytest.raises(BigcatInputError, match="needs `class:"), connect(spec):
+        pass
+
+
+def test_unknown_spec_is_a_usage_error():
+    with pytest.raises(BigcatInputError, match="unknown cluster spec"), connect("nonsense"):
+        pass
+
+
+def test_paths_invisible_to_workers_are_refused_early(dask_scheduler):
+    from distributed import Client
+
+    with Client(dask_scheduler) as client, pytest.raises(BigcatInputError, match="not visible to Dask worker"):
+        check_visible(client, ["/no/such/place/atlas.zarr"])
+
+
+def test_local_cluster_idle_timeout_and_in_process_results(counts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with connect("local", idle_timeout="2 hours", dashboard_address="127.0.0.1:0") as client:
+            assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.idle_timeout) == 7200
+            result = bigcat.cluster_stats(counts, stats="sums", client=client)
+    x = dense(ad.read_h5ad(counts).X).astype(np.float64)
+    np.testing.assert_array_equal(result["sums"].values.sum(axis=0), x.sum(axis=0))
