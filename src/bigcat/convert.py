@@ -100,8 +100,10 @@ def convert(
             else:
                 if client is not None:
                     log.info("%s: %s X streams through this process (no parallel copy)", input, source.encoding)
-                blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells)
-                for start, stop, block in prefetch(blocks):
+                # reused buffers when the writer copies each block before the producer, one
+                # block ahead, can reach its buffer again (a ring of 3)
+                blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells, reuse=writer.copies_blocks)
+                for start, stop, block in prefetch(blocks, depth=1):
                     writer.write_rows(block)
                     bar.update(stop - start)
         log.info("converted %s (%d × %d, %d values) to %s", input, *source.shape, writer.nnz_written, output)
