@@ -373,24 +373,26 @@ def machine() -> str:
     )
 
 
-def write_report(sections: list[str], path: Path) -> None:
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    body = "\n".join(
-        [
-            begin,
-            f"Run on {dt.date.today().isoformat()} with `make bench` (`python -m benchmarks --scale "
-            f"{' '.join(ARGS.scale)} --repeat {ARGS.repeat}`).",
-            f"Machine: {machine()}.",
-            "",
-            *sections,
-            end,
-        ]
-    )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
+def write_report(sections: dict[str, str], path: Path) -> None:
+    """Replace each group's block (between its own markers) in ``path``; keep the others."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    for group, section in sections.items():
+        begin, end = f"<!-- bench:{group}:begin -->", f"<!-- bench:{group}:end -->"
+        body = "\n".join(
+            [
+                begin,
+                f"Run on {dt.date.today().isoformat()} with `make bench` (`python -m benchmarks --scale "
+                f"{' '.join(ARGS.scale)} --repeat {ARGS.repeat}{' --only ' + group if ARGS.only else ''}`).",
+                f"Machine: {machine()}.",
+                "",
+                section,
+                end,
+            ]
+        )
+        if begin in text and end in text:
+            text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
+        else:
+            text = text.rstrip() + "\n\n" + body + "\n"
     path.write_text(text)
 
 
@@ -405,19 +407,19 @@ def main() -> None:
     parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
-    sections = []
+    sections: dict[str, list[str]] = {"convert": [], "stats": []}
     for scale in ARGS.scale:
         if ARGS.only in (None, "convert"):
             text, results = run_scale(scale, ARGS.repeat)
             print(text, flush=True)
-            sections.append(text)
+            sections["convert"].append(text)
             (DATA / f"results-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
         if ARGS.only in (None, "stats"):
             text, results = run_stats(scale, ARGS.repeat, ARGS.clusters)
             print(text, flush=True)
-            sections.append(text)
+            sections["stats"].append(text)
             (DATA / f"results-stats-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
-    write_report(sections, ARGS.report)
+    write_report({group: "\n\n".join(texts) for group, texts in sections.items() if texts}, ARGS.report)
     print(f"wrote {ARGS.report}")
 
 

@@ -270,6 +270,69 @@ class MatrixSource:
         """Gene annotations (one row per gene, index = gene names)."""
         return self._frame("var", self.shape[1])
 
+    # -- single annotation columns, without reading (or importing anndata for) the whole frame --
+    def _modern_frame(self, key: str) -> Any:
+        """The obs/var group when it uses anndata's ≥ 0.7 dataframe encoding, else ``None``."""
+        if self.container == "zarr-dense":
+            return None
+        root = self._root()
+        if key not in root or _is_array(root[key]):
+            return None
+        group = root[key]
+        return group if group.attrs.get("encoding-type") == "dataframe" else None
+
+    def obs_columns(self) -> list[str]:
+        """Names of the obs columns."""
+        group = self._modern_frame("obs")
+        if group is None:
+            return [str(c) for c in self.obs.columns]
+        return [str(c) for c in np.asarray(group.attrs.get("column-order", []), dtype=object)]
+
+    def obs_column(self, name: str) -> Any:
+        """One obs column (a ``pandas.Categorical`` or an array), read on its own.
+
+        Plain and categorical columns of anndata's dataframe encoding are read directly;
+        anything else (old files, nullable types) through anndata's reader of the whole frame.
+        """
+        group = self._modern_frame("obs")
+        if group is not None and name in group:
+            elem = group[name]
+            kind = elem.attrs.get("encoding-type")
+            if kind == "categorical":
+                codes = np.asarray(elem["codes"][...])
+                categories = _strings(elem["categories"])
+                if len(codes) == self.shape[0]:
+                    ordered = bool(elem.attrs.get("ordered", False))
+                    return pd.Categorical.from_codes(codes, categories=categories, ordered=ordered)
+            elif _is_array(elem) and kind in ("array", "string-array", None):
+                values = _strings(elem)
+                if len(values) == self.shape[0]:
+                    return values
+        if name not in self.obs.columns:
+            raise KeyError(name)
+        column = self.obs[name]
+        return column.array if isinstance(column.dtype, pd.CategoricalDtype) else column.to_numpy()
+
+    def obs_names(self) -> pd.Index:
+        """Cell names."""
+        group = self._modern_frame("obs")
+        index_key = group.attrs.get("_index") if group is not None else None
+        if index_key is not None and index_key in group and _is_array(group[index_key]):
+            values = _strings(group[index_key])
+            if len(values) == self.shape[0]:
+                return pd.Index(values, dtype=object)
+        return pd.Index(self.obs.index.astype(str))
+
+    def var_names(self) -> pd.Index:
+        """Gene names."""
+        group = self._modern_frame("var")
+        index_key = group.attrs.get("_index") if group is not None else None
+        if index_key is not None and index_key in group and _is_array(group[index_key]):
+            values = _strings(group[index_key])
+            if len(values) == self.shape[1]:
+                return pd.Index(values, dtype=object)
+        return pd.Index(self.var.index.astype(str))
+
     def _frame(self, key: str, length: int) -> pd.DataFrame:
         if self.container == "zarr-dense":
             return _frame_from_xarray(self.path, key)
@@ -469,6 +532,18 @@ class MatrixSource:
             "nnz": self.nnz,
             "blake2b": digest.hexdigest(),
         }
+
+
+def _strings(node: Any) -> np.ndarray:
+    """An HDF5/Zarr array as NumPy; strings (bytes, StringDType) as an object array of str."""
+    values = np.asarray(node[...])
+    if values.dtype.kind == "O" and len(values) and isinstance(values.flat[0], bytes):
+        return np.array([v.decode() for v in values], dtype=object)
+    if values.dtype.kind == "S":
+        return np.array([v.decode() for v in values], dtype=object)
+    if values.dtype.kind in ("T", "U"):
+        return values.astype(object)
+    return values
 
 
 def _is_array(node: Any) -> bool:

@@ -106,6 +106,14 @@ class _Part:
     source: MatrixSource | None = None
     array: Any = None  # dask array for Datasets that are not a plain view of a file
     codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    names: pd.Index | None = None  # cell names, read when first needed
+
+    @property
+    def cell_names(self) -> pd.Index:
+        if self.names is None:
+            self.names = self.source.obs_names()
+            self.source.close()
+        return self.names
 
 
 def _as_list(data: Any) -> list[Any]:
@@ -129,23 +137,23 @@ def _open_parts(data: Any, by: Any) -> list[_Part]:
             parts.append(_dataset_part(item, by))
             continue
         source = open_source(item)
-        obs = source.obs
         labels = None
         if isinstance(by, str):
-            if by not in obs.columns:
-                msg = f"{source.path}: no obs column {by!r}; available: {', '.join(map(str, obs.columns)) or '(none)'}"
-                raise BigcatInputError(msg)
-            labels = obs[by]
+            try:
+                labels = source.obs_column(by)
+            except KeyError:
+                available = ", ".join(source.obs_columns()) or "(none)"
+                msg = f"{source.path}: no obs column {by!r}; available: {available}"
+                raise BigcatInputError(msg) from None
         parts.append(
             _Part(
                 name=str(source.path),
                 n_cells=source.shape[0],
-                gene_names=pd.Index(source.var.index.astype(str)),
+                gene_names=source.var_names(),
                 labels=labels,
                 source=source,
             )
         )
-        parts[-1].cell_names = pd.Index(obs.index.astype(str))
         source.close()
     return parts
 
@@ -172,7 +180,7 @@ def _dataset_part(ds: Any, by: Any) -> _Part:
     name = ds.attrs.get("source", "dataset")
     part = _Part(name=str(name), n_cells=ds.sizes["cell"], gene_names=pd.Index(ds["gene"].values.astype(str)))
     part.labels = labels
-    part.cell_names = pd.Index(ds["cell"].values.astype(str))
+    part.names = pd.Index(ds["cell"].values.astype(str))
     untouched = str(getattr(x, "name", "")).startswith("bigcat-X-") and "source" in ds.attrs
     if untouched:
         part.source = open_source(ds.attrs["source"])
