@@ -138,3 +138,63 @@ def dask_scheduler(tmp_path_factory: pytest.TempPathFactory):
         yield processes.address
     finally:
         processes.close()
+
+
+class S3Server:
+    """moto's S3-compatible server in its own process on 127.0.0.1 (a free port)."""
+
+    def __init__(self, folder: Path, **env: str) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = (folder / f"moto-{self.port}.log").open("w")
+        server = str(Path(sys.executable).parent / "moto_server")
+        self.proc = subprocess.Popen(
+            [server, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)  # noqa: S310 - our own loopback server
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.1)
+
+    def options(self, **extra: object) -> dict:
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing", **extra}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A running S3 server and a bucket ``bigcat-test``; yields the server (``.options()``)."""
+    import s3fs
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        fs = s3fs.S3FileSystem(**server.options(), skip_instance_cache=True)
+        fs.mkdir("bigcat-test")
+        yield server
+    finally:
+        server.close()
