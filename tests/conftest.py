@@ -149,6 +149,7 @@ class S3Server:
         import subprocess
         import sys
         import time
+        import urllib.error
         import urllib.request
 
         with socket.socket() as sock:
@@ -166,7 +167,9 @@ class S3Server:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(self.endpoint, timeout=1)  # noqa: S310 - our own loopback server
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                break
+            except urllib.error.HTTPError:  # it answers (with authentication on, with an error)
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:

@@ -25,6 +25,13 @@ _state = {"debug": False}
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 ForceProgress = Annotated[bool, typer.Option("--progress", help="Show the progress bar even when not on a terminal.")]
+StorageOptions = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option(
+        "--storage-option",
+        help="KEY=VALUE passed to fsspec for URLs (e.g. endpoint_url=…, anon=true); repeatable.",
+    ),
+]
 ClusterSpec = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
@@ -37,6 +44,12 @@ IdleTimeout = Annotated[
     typer.Option("--idle-timeout", help="Clusters bigcat starts stop after this long idle, e.g. '30 minutes'."),
 ]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only one bigcat wrote).")]
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict | None:
+    from bigcat.fs import parse_storage_options as parse
+
+    return parse(pairs) or None
 
 
 def _progress(quiet: bool, force: bool = False) -> bool | None:
@@ -66,7 +79,7 @@ def _main(
 
 @app.command()
 def synth(
-    output: Annotated[Path, typer.Argument(help="OUT.h5ad or OUT.zarr")],
+    output: Annotated[str, typer.Argument(help="OUT.h5ad or OUT.zarr (a path or a URL)")],
     cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 20_000,
     genes: Annotated[int, typer.Option("--genes", help="Number of genes.")] = 32_285,
     clusters: Annotated[int, typer.Option("--clusters", help="Number of clusters.")] = 50,
@@ -75,6 +88,7 @@ def synth(
     layout: Annotated[str, typer.Option("--layout", help="Zarr layout: sparse or dense.")] = "sparse",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Write a synthetic atlas of raw counts (negative binomial, marker genes, skewed clusters)."""
     from bigcat.synth import synth as run
@@ -89,14 +103,15 @@ def synth(
         layout=layout,
         overwrite=overwrite,
         progress=_progress(quiet),
+        storage_options=parse_storage_options(storage_option),
     )
     typer.echo(f"wrote {path}: {cells} cells × {genes} genes, {clusters} clusters")
 
 
 @app.command()
 def convert(
-    input: Annotated[Path, typer.Argument(help="IN.h5ad (or an AnnData Zarr store)")],  # noqa: A002
-    output: Annotated[Path, typer.Argument(help="OUT.zarr")],
+    input: Annotated[str, typer.Argument(help="IN.h5ad (or an AnnData Zarr store; a path or a URL)")],  # noqa: A002
+    output: Annotated[str, typer.Argument(help="OUT.zarr (a path or a URL)")],
     layout: Annotated[str, typer.Option("--layout", help="sparse (AnnData encoding) or dense (xarray).")] = "sparse",
     chunk_cells: Annotated[Optional[int], typer.Option("--chunk-cells", help="Rows per dense chunk (8000).")] = None,  # noqa: UP045
     cluster: Annotated[
@@ -106,6 +121,7 @@ def convert(
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    storage_option: StorageOptions = None,
     progress: ForceProgress = False,
 ) -> None:
     """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory."""
@@ -124,14 +140,15 @@ def convert(
             overwrite=overwrite,
             progress=_progress(quiet, progress),
             client=client,
+            storage_options=parse_storage_options(storage_option),
         )
     typer.echo(f"wrote {path}")
 
 
 @app.command()
 def sample(
-    input: Annotated[Path, typer.Argument(help="IN.h5ad or IN.zarr")],  # noqa: A002
-    output: Annotated[Path, typer.Argument(help="OUT.h5ad or OUT.zarr")],
+    input: Annotated[str, typer.Argument(help="IN.h5ad or IN.zarr (a path or a URL)")],  # noqa: A002
+    output: Annotated[str, typer.Argument(help="OUT.h5ad or OUT.zarr (a path or a URL)")],
     fraction: Annotated[Optional[float], typer.Option("--fraction", help="Keep sqrt(F) of cells and of genes.")] = None,  # noqa: UP045
     cells: Annotated[Optional[float], typer.Option("--cells", help="Fraction of cells to keep.")] = None,  # noqa: UP045
     genes: Annotated[Optional[float], typer.Option("--genes", help="Fraction of genes to keep.")] = None,  # noqa: UP045
@@ -144,6 +161,7 @@ def sample(
     layout: Annotated[str, typer.Option("--layout", help="Zarr layout of the output.")] = "sparse",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Write a random subset of cells and genes, without loading the matrix."""
     from bigcat.sample import sample as run
@@ -161,15 +179,16 @@ def sample(
         layout=layout,
         overwrite=overwrite,
         progress=_progress(quiet),
+        storage_options=parse_storage_options(storage_option),
     )
     typer.echo(f"wrote {path}")
 
 
 @app.command()
 def stats(
-    inputs: Annotated[Optional[list[Path]], typer.Argument(help="IN.zarr|IN.h5ad … (statistics accumulate)")] = None,  # noqa: UP045
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="IN.zarr|IN.h5ad … (statistics accumulate)")] = None,  # noqa: UP045
     by: Annotated[str, typer.Option("--by", help="obs column with the cluster labels.")] = "cluster",
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV/Parquet table with the labels.")] = None,  # noqa: UP045
+    labels: Annotated[Optional[str], typer.Option("--labels", help="CSV/Parquet table with the labels.")] = None,  # noqa: UP045
     label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column of --labels.")] = None,  # noqa: UP045
     cell_column: Annotated[Optional[str], typer.Option("--cell-column", help="Cell-name column of --labels.")] = None,  # noqa: UP045
     statistics: Annotated[str, typer.Option("--stats", help="Comma-separated statistics.")] = "means,present,sqr_means",
@@ -181,13 +200,14 @@ def stats(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed for --max-cells-per-cluster.")] = 0,
     engine: Annotated[str, typer.Option("--engine", help="blocks (default) or groupby (xarray+flox).")] = "blocks",
-    out: Annotated[Optional[Path], typer.Option("--out", help="stats.zarr|.parquet|.h5ad|.csv")] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option("--out", help="stats.zarr|.parquet|.h5ad|.csv")] = None,  # noqa: UP045
     wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
     cluster: ClusterSpec = None,
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    storage_option: StorageOptions = None,
     progress: ForceProgress = False,
 ) -> None:
     """Per-cluster statistics (means, present, sqr_means, …), out of core."""
@@ -198,16 +218,17 @@ def stats(
     if not inputs:
         msg = "stats needs at least one input"
         raise BigcatInputError(msg)
+    options = parse_storage_options(storage_option)
     if merge:
         if out is None:
             msg = "--merge needs --out"
             raise BigcatInputError(msg)
-        result = merge_stats(inputs)
+        result = merge_stats(inputs, storage_options=options)
     else:
         with connect(cluster, idle_timeout=idle_timeout) as client:
             _dashboard(client)
             result = cluster_stats(
-                [str(p) for p in inputs],
+                list(inputs),
                 by=by,
                 stats=statistics,
                 labels=labels,
@@ -221,25 +242,33 @@ def stats(
                 engine=engine,
                 client=client,
                 progress=_progress(quiet, progress),
+                storage_options=options,
             )
     if out is None:
         typer.echo(result)
         return
-    for path in write_stats(result, out, wide=wide, overwrite=overwrite):
+    for path in write_stats(result, out, wide=wide, overwrite=overwrite, storage_options=options):
         typer.echo(f"wrote {path}")
 
 
 @app.command("open")
 def open_(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Files to open as data1 … dataN.")] = None,  # noqa: UP045
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Files to open as data1 … dataN.")] = None,  # noqa: UP045
     cluster: ClusterSpec = None,
     idle_timeout: IdleTimeout = None,
     command: Annotated[Optional[str], typer.Option("--command", "-c", help="Run this code and exit.")] = None,  # noqa: UP045
+    storage_option: StorageOptions = None,
 ) -> None:
     """An interactive Python shell with the datasets opened and a Dask client ready."""
     from bigcat.shell import open_shell
 
-    open_shell(paths or [], cluster=cluster, command=command, idle_timeout=idle_timeout)
+    open_shell(
+        paths or [],
+        cluster=cluster,
+        command=command,
+        idle_timeout=idle_timeout,
+        storage_options=parse_storage_options(storage_option),
+    )
 
 
 @app.command()
@@ -252,6 +281,14 @@ def demo(
     from bigcat.demo import run_demo
 
     run_demo(folder, n_cells=cells, progress=_progress(quiet))
+
+
+STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:500] + ("…" if len(text) > 500 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,10 +320,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"bigcat: error: {error}", err=True)
         return error.exit_code
+    except PermissionError as error:
+        if _state["debug"]:
+            raise
+        typer.echo(
+            f"bigcat: error: access denied: {_one_line(error)}; check the credentials (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, ~/.aws, --storage-option key=… secret=…) and the permissions",
+            err=True,
+        )
+        return 1
     except (OSError, RuntimeError, MemoryError) as error:
         if _state["debug"]:
             raise
-        typer.echo(f"bigcat: error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", err=True)
+        typer.echo(
+            f"bigcat: error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
+            err=True,
+        )
+        return 1
+    except Exception as error:
+        # object-storage clients raise their own exception types (botocore's are not OSErrors)
+        if _state["debug"] or not type(error).__module__.startswith(STORAGE_MODULES):
+            raise
+        typer.echo(f"bigcat: error: storage: {type(error).__name__}: {_one_line(error)}", err=True)
         return 1
     return 0
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bigcat.fs import is_url, local
 from bigcat.progress import progress_bar
 from bigcat.readers import BLOCK_NNZ, open_source
 from bigcat.store import DENSE_CHUNK_CELLS, SPARSE_SHARD, open_writer, output_kind
@@ -25,6 +26,7 @@ def convert(
     chunk_cells: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    storage_options: dict | None = None,
     block_nnz: int = BLOCK_NNZ,
     client: Any = None,
 ) -> Path:
@@ -46,6 +48,8 @@ def convert(
         Replace an existing output (a directory only if bigcat wrote it).
     progress
         Show a progress bar; ``None``: only on a terminal.
+    storage_options
+        fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat.fs`).
     block_nnz
         Stored values read per block: memory is about ``block_nnz × 30`` bytes.
     client
@@ -74,12 +78,13 @@ def convert(
     every row block, which would be quadratic.
     """
     output_kind(output)
-    with open_source(input, require_marker=False) as source:
+    with open_source(input, require_marker=False, storage_options=storage_options) as source:
         obs, var, uns = source.obs, source.var, source.uns
         cells = chunk_cells or DENSE_CHUNK_CELLS
         with (
             open_writer(
                 output,
+                storage_options=storage_options,
                 obs=obs,
                 var=var,
                 uns=uns,
@@ -94,7 +99,7 @@ def convert(
             if client is not None and source.encoding == "csr" and hasattr(writer, "copy_csr"):
                 from bigcat.cluster import check_visible
 
-                check_visible(client, [source.path, Path(output).resolve().parent])
+                check_visible(client, [source.path] + ([] if is_url(output) else [Path(output).resolve().parent]))
                 bar.total, bar.unit = source.nnz, "values"
                 writer.copy_csr(source, client, progress=lambda lo: bar.update(min(SPARSE_SHARD, source.nnz - lo)))
             else:
@@ -107,4 +112,4 @@ def convert(
                     writer.write_rows(block)
                     bar.update(stop - start)
         log.info("converted %s (%d × %d, %d values) to %s", input, *source.shape, writer.nnz_written, output)
-    return Path(output)
+    return str(output) if is_url(output) else local(output)

@@ -11,7 +11,6 @@ categories, so ``ds.groupby("cluster")`` works directly.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +59,7 @@ def open_dataset(
     *,
     chunk_nnz: int = BLOCK_NNZ,
     require_marker: bool = True,
+    storage_options: dict | None = None,
 ) -> Any:
     """Open ``path`` lazily as an ``xarray.Dataset`` (or a ``.parquet`` table as a DataFrame).
 
@@ -74,6 +74,8 @@ def open_dataset(
     require_marker
         Refuse Zarr stores without bigcat's completion marker (see
         :func:`bigcat.readers.open_source`).
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
 
     Returns
     -------
@@ -99,20 +101,22 @@ def open_dataset(
     import sparse
     import xarray as xr
 
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        if not path.exists():
+    from bigcat import fs
+
+    path = str(path) if fs.is_url(path) else fs.local(path)
+    if fs.suffix_of(path) == ".parquet":
+        if not fs.exists(path, storage_options):
             msg = f"{path}: no such file or directory"
             raise InputNotFoundError(msg)
         try:
-            return pd.read_parquet(path)
+            return pd.read_parquet(str(path), storage_options=storage_options if fs.is_url(path) else None)
         except Exception as error:
-            msg = f"{path}: not a readable Parquet file ({error})"
+            msg = f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})"
             raise BigcatFormatError(msg) from error
-    source = open_source(path, require_marker=require_marker)
+    source = open_source(path, require_marker=require_marker, storage_options=storage_options)
     if source.container == "zarr-dense":
         source.close()
-        ds = xr.open_zarr(str(path), consolidated=True)
+        ds = xr.open_zarr(fs.zarr_store(path, storage_options), consolidated=True)
         # Zarr v3 strings arrive as NumPy's StringDType; use object arrays like the sparse path
         # 1-D annotations are small: load them, and turn Zarr v3 strings (NumPy's StringDType)
         # into object arrays, so the Dataset looks like the one from a sparse source
@@ -159,6 +163,8 @@ def _object_strings(values: np.ndarray) -> np.ndarray:
 def _token(source: MatrixSource) -> str:
     from dask.base import tokenize
 
+    if source.url:
+        return tokenize(source.fingerprint())
     stat = source.path.stat()
     return tokenize(str(source.path.resolve()), stat.st_mtime_ns, stat.st_size, source.shape)
 

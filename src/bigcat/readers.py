@@ -88,7 +88,30 @@ def _kind_of_path(path: Path) -> str:
     raise BigcatFormatError(msg)
 
 
-def open_source(path: str | os.PathLike, *, require_marker: bool = True) -> MatrixSource:
+def _kind_of_url(url: str, storage_options: dict | None) -> str:
+    from bigcat import fs
+
+    suffix = fs.suffix_of(url)
+    if suffix == ".parquet":
+        return "parquet"
+    filesystem, inner = fs.filesystem(url, storage_options)
+    if filesystem.isdir(inner):
+        for meta in ("zarr.json", ".zgroup"):
+            if filesystem.exists(f"{inner.rstrip('/')}/{meta}"):
+                return "zarr"
+        msg = f"{url}: is a folder but not a Zarr store (no zarr.json or .zgroup)"
+        raise BigcatFormatError(msg)
+    with filesystem.open(inner, "rb") as handle:
+        head = handle.read(8)
+    if head == HDF5_SIGNATURE:
+        return "h5ad"
+    msg = f"{url}: not an HDF5 file or a Zarr store; bigcat reads .h5ad, .zarr and .parquet"
+    raise BigcatFormatError(msg)
+
+
+def open_source(
+    path: str | os.PathLike, *, require_marker: bool = True, storage_options: dict | None = None
+) -> MatrixSource:
     """Open the matrix stored at ``path`` (``.h5ad`` or a Zarr store) for lazy reading.
 
     Parameters
@@ -103,15 +126,24 @@ def open_source(path: str | os.PathLike, *, require_marker: bool = True) -> Matr
     ------
     InputNotFoundError, BigcatFormatError, BigcatStoreIncompleteError, CorruptMatrixError
     """
-    path = Path(path)
-    if not path.exists():
-        msg = f"{path}: no such file or directory"
-        raise InputNotFoundError(msg)
-    kind = _kind_of_path(path)
+    from bigcat import fs
+
+    if fs.is_url(path):
+        path = str(path)
+        if not fs.exists(path, storage_options):
+            msg = f"{path}: no such object"
+            raise InputNotFoundError(msg)
+        kind = _kind_of_url(path, storage_options)
+    else:
+        path = fs.local(path)
+        if not path.exists():
+            msg = f"{path}: no such file or directory"
+            raise InputNotFoundError(msg)
+        kind = _kind_of_path(path)
     if kind == "h5ad":
-        return MatrixSource(path, "h5ad")
+        return MatrixSource(path, "h5ad", storage_options)
     if kind == "zarr":
-        marker = read_marker(path)
+        marker = read_marker(path, storage_options)
         if marker is not None and not marker.get("complete"):
             msg = f"{path}: incomplete store (its writer never finished); convert again"
             raise BigcatStoreIncompleteError(msg)
@@ -122,8 +154,8 @@ def open_source(path: str | os.PathLike, *, require_marker: bool = True) -> Matr
             )
             raise BigcatStoreIncompleteError(msg)
         if marker is not None and marker.get("layout") == "dense":
-            return MatrixSource(path, "zarr-dense")
-        return MatrixSource(path, "zarr")
+            return MatrixSource(path, "zarr-dense", storage_options)
+        return MatrixSource(path, "zarr", storage_options)
     msg = f"{path}: a {kind} file holds no matrix"
     raise BigcatFormatError(msg)
 
@@ -131,34 +163,47 @@ def open_source(path: str | os.PathLike, *, require_marker: bool = True) -> Matr
 class MatrixSource:
     """Lazy access to ``X`` and the annotations of one file (see :func:`open_source`)."""
 
-    def __init__(self, path: Path, container: str) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, container: str, storage_options: dict | None = None) -> None:
+        from bigcat import fs
+
+        self.path = path if fs.is_url(path) else Path(path)
+        self.url = fs.is_url(path)
+        self.storage_options = storage_options
         self.container = container  # "h5ad", "zarr" (AnnData encoding) or "zarr-dense" (xarray layout)
         self._handle: Any = None
+        self._file: Any = None
         self._describe()
 
     # -- pickling: a path, never an open file --------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handle"] = None
+        state["_file"] = None
         for key in ("indptr",):
             state.pop(key, None)
         return state
 
     def _root(self) -> Any:
         if self._handle is None:
+            from bigcat import fs
+
             if self.container == "h5ad":
                 import h5py
 
                 try:
-                    self._handle = h5py.File(self.path, "r")
+                    if self.url:  # read through fsspec, block by block, never downloading it whole
+                        filesystem, inner = fs.filesystem(self.path, self.storage_options)
+                        self._file = filesystem.open(inner, "rb", block_size=8 << 20, cache_type="readahead")
+                        self._handle = h5py.File(self._file, "r")
+                    else:
+                        self._handle = h5py.File(self.path, "r")
                 except OSError as error:
                     msg = f"{self.path}: cannot be read as HDF5 ({error}); is it truncated?"
                     raise BigcatFormatError(msg) from error
             else:
                 import zarr
 
-                self._handle = zarr.open_group(str(self.path), mode="r")
+                self._handle = zarr.open_group(fs.zarr_store(self.path, self.storage_options), mode="r")
         return self._handle
 
     def close(self) -> None:
@@ -166,7 +211,11 @@ class MatrixSource:
         if self._handle is not None and self.container == "h5ad":
             with contextlib.suppress(Exception):
                 self._handle.close()
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
         self._handle = None
+        self._file = None
 
     def __enter__(self) -> MatrixSource:
         return self
@@ -335,7 +384,7 @@ class MatrixSource:
 
     def _frame(self, key: str, length: int) -> pd.DataFrame:
         if self.container == "zarr-dense":
-            return _frame_from_xarray(self.path, key)
+            return _frame_from_xarray(self.path, key, self.storage_options)
         root = self._root()
         if key not in root:
             frame = pd.DataFrame(index=pd.RangeIndex(length).astype(str))
@@ -513,8 +562,25 @@ class MatrixSource:
     # -- identity -------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         """What identifies this input: path, size, mtime, shape, and a hash of its first and last MB."""
-        stat = self.path.stat()
         digest = hashlib.blake2b(digest_size=16)
+        if self.url:
+            from bigcat import fs
+
+            filesystem, inner = fs.filesystem(self.path, self.storage_options)
+            info = filesystem.info(inner)
+            if self.container != "h5ad":
+                meta = f"{inner.rstrip('/')}/zarr.json"
+                digest.update(filesystem.cat_file(meta) if filesystem.exists(meta) else b"")
+            return {
+                "path": self.path,
+                "size": int(info.get("size") or 0),
+                "etag": str(info.get("ETag", "")),
+                "mtime": str(info.get("LastModified", info.get("mtime", ""))),
+                "shape": list(self.shape),
+                "nnz": self.nnz,
+                "blake2b": digest.hexdigest(),
+            }
+        stat = self.path.stat()
         if self.path.is_file():
             with self.path.open("rb") as handle:
                 digest.update(handle.read(1 << 20))
@@ -550,13 +616,14 @@ def _is_array(node: Any) -> bool:
     return hasattr(node, "shape") and hasattr(node, "dtype")
 
 
-def _frame_from_xarray(path: Path, key: str) -> pd.DataFrame:
+def _frame_from_xarray(path: Path | str, key: str, storage_options: dict | None = None) -> pd.DataFrame:
     """obs or var of a dense-layout store, with original column names and categoricals restored."""
     import xarray as xr
 
+    from bigcat.fs import zarr_store
     from bigcat.store import COLUMNS_KEY
 
-    ds = xr.open_zarr(str(path), consolidated=True)
+    ds = xr.open_zarr(zarr_store(path, storage_options), consolidated=True)
     dim = "cell" if key == "obs" else "gene"
     mapping = ds.attrs.get(COLUMNS_KEY, {}).get(key)
     if mapping is None:  # not written by bigcat: every 1-D coordinate on the dimension

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bigcat.errors import BigcatInputError
+from bigcat.fs import is_url, local
 from bigcat.progress import progress_bar
 from bigcat.readers import BLOCK_NNZ, MatrixSource, open_source
 from bigcat.store import open_writer, output_kind
@@ -97,6 +98,7 @@ def sample(
     layout: str = "sparse",
     overwrite: bool = False,
     progress: bool | None = None,
+    storage_options: dict | None = None,
 ) -> Path:
     """Write a random subset of the cells and genes of ``input`` to ``output``.
 
@@ -125,6 +127,8 @@ def sample(
         Replace an existing output.
     progress
         Progress bar; ``None``: only on a terminal.
+    storage_options
+        fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat.fs`).
 
     Returns
     -------
@@ -144,7 +148,7 @@ def sample(
             raise BigcatInputError(msg)
         cells = genes = math.sqrt(_check_fraction("--fraction", fraction))
     rng = np.random.default_rng(seed)
-    with open_source(input) as source:
+    with open_source(input, storage_options=storage_options) as source:
         cell_index = choose_cells(
             source.obs,
             rng,
@@ -160,6 +164,7 @@ def sample(
         with (
             open_writer(
                 output,
+                storage_options=storage_options,
                 obs=obs,
                 var=var,
                 uns=source.uns,
@@ -179,7 +184,7 @@ def sample(
                 part.sort_indices()
                 writer.write_rows(part)
                 bar.update(hi - lo)
-    return Path(output)
+    return str(output) if is_url(output) else local(output)
 
 
 def _blocks_with(source: MatrixSource, rows: np.ndarray):

@@ -37,6 +37,7 @@ def open_shell(
     command: str | None = None,
     use_ipython: bool | None = None,
     idle_timeout: str | None = None,
+    storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Open ``paths`` as ``data1 … dataN`` and start an interactive shell with a Dask client.
 
@@ -53,6 +54,8 @@ def open_shell(
         Use IPython (when installed); ``None``: when stdin is a terminal.
     idle_timeout
         Stop a cluster bigcat starts after this long without work.
+    storage_options
+        fsspec options for URL paths (``s3://…``).
 
     Returns
     -------
@@ -69,7 +72,7 @@ def open_shell(
     namespace: dict[str, Any] = {"bigcat": bigcat, "np": np, "pd": pd, "xr": xr, "dask": dask}
     names = []
     for i, path in enumerate(paths, start=1):
-        namespace[f"data{i}"] = open_dataset(path)
+        namespace[f"data{i}"] = open_dataset(path, storage_options=storage_options)
         names.append(f"data{i}")
     with connect(cluster, idle_timeout=idle_timeout) as client:
         namespace["client"] = client

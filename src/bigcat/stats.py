@@ -124,7 +124,7 @@ def _as_list(data: Any) -> list[Any]:
     return [data]
 
 
-def _open_parts(data: Any, by: Any) -> list[_Part]:
+def _open_parts(data: Any, by: Any, storage_options: dict | None = None) -> list[_Part]:
     import xarray as xr
 
     items = _as_list(data)
@@ -134,9 +134,9 @@ def _open_parts(data: Any, by: Any) -> list[_Part]:
     parts = []
     for item in items:
         if isinstance(item, xr.Dataset):
-            parts.append(_dataset_part(item, by))
+            parts.append(_dataset_part(item, by, storage_options))
             continue
-        source = open_source(item)
+        source = open_source(item, storage_options=storage_options)
         labels = None
         if isinstance(by, str):
             try:
@@ -158,7 +158,7 @@ def _open_parts(data: Any, by: Any) -> list[_Part]:
     return parts
 
 
-def _dataset_part(ds: Any, by: Any) -> _Part:
+def _dataset_part(ds: Any, by: Any, storage_options: dict | None = None) -> _Part:
     """A Dataset from :func:`open_dataset`: read its file directly when it is an untouched view."""
     if "X" not in ds:
         msg = "the Dataset has no variable X"
@@ -183,7 +183,7 @@ def _dataset_part(ds: Any, by: Any) -> _Part:
     part.names = pd.Index(ds["cell"].values.astype(str))
     untouched = str(getattr(x, "name", "")).startswith("bigcat-X-") and "source" in ds.attrs
     if untouched:
-        part.source = open_source(ds.attrs["source"])
+        part.source = open_source(ds.attrs["source"], storage_options=storage_options)
         part.source.close()
         if part.source.shape != tuple(x.shape):
             part.source = None
@@ -194,19 +194,27 @@ def _dataset_part(ds: Any, by: Any) -> _Part:
     return part
 
 
-def _read_labels_table(path: str | os.PathLike, label_column: str | None, cell_column: str | None) -> pd.Series:
-    path = Path(path)
-    if not path.exists():
+def _read_labels_table(
+    path: str | os.PathLike, label_column: str | None, cell_column: str | None, storage_options: dict | None = None
+) -> pd.Series:
+    from bigcat import fs
+
+    url = fs.is_url(path)
+    path = str(path) if url else fs.local(path)
+    if not fs.exists(path, storage_options):
         msg = f"{path}: no such file or directory"
         raise InputNotFoundError(msg)
-    parquet = path.suffix.lower() == ".parquet"
+    pandas_options = storage_options if url else None
+    parquet = fs.suffix_of(path) == ".parquet"
     try:
         if parquet:
-            import pyarrow.parquet as pq
+            available = list(pd.read_parquet(path, storage_options=pandas_options).columns) if url else None
+            if available is None:
+                import pyarrow.parquet as pq
 
-            available = list(pq.read_schema(path).names)
+                available = list(pq.read_schema(path).names)
         else:
-            available = list(pd.read_csv(path, nrows=0).columns)
+            available = list(pd.read_csv(path, nrows=0, storage_options=pandas_options).columns)
     except Exception as error:
         msg = f"{path}: not a readable CSV/Parquet table ({str(error).splitlines()[0]})"
         raise BigcatFormatError(msg) from error
@@ -215,7 +223,11 @@ def _read_labels_table(path: str | os.PathLike, label_column: str | None, cell_c
             msg = f"{path}: {kind} column {column!r} not found; columns: {', '.join(map(str, available))}"
             raise BigcatInputError(msg)
     wanted = [c for c in (cell_column, label_column) if c]
-    table = pd.read_parquet(path, columns=wanted) if parquet else pd.read_csv(path, usecols=wanted)
+    table = (
+        pd.read_parquet(path, columns=wanted, storage_options=pandas_options)
+        if parquet
+        else pd.read_csv(path, usecols=wanted, storage_options=pandas_options)
+    )
     index = table[cell_column].astype(str) if cell_column is not None else table.index.astype(str)
     labels = pd.Series(table[label_column].to_numpy(), index=pd.Index(index))
     if labels.index.has_duplicates:
@@ -295,6 +307,7 @@ def cluster_stats(
     cell_column: str | None = None,
     block_nnz: int = BLOCK_NNZ,
     progress: bool | None = False,
+    storage_options: dict | None = None,
 ) -> Any:
     """Per-cluster × gene statistics of a cell-by-gene matrix, out of core.
 
@@ -341,6 +354,8 @@ def cluster_stats(
         Stored values per row block (task). Memory per block in flight ≈ 12 bytes × this.
     progress
         Show a progress bar (``None``: only on a terminal).
+    storage_options
+        fsspec options for URL inputs and label tables (``s3://…``; see :mod:`bigcat.fs`).
 
     Returns
     -------
@@ -373,7 +388,7 @@ def cluster_stats(
         msg = f"unknown present_op {present_op!r}; choose gt (x > threshold) or ge (x >= threshold)"
         raise BigcatInputError(msg)
     by_column = by if isinstance(by, str) and labels is None else None
-    parts = _open_parts(data, by_column)
+    parts = _open_parts(data, by_column, storage_options)
     gene_names = parts[0].gene_names
     for part in parts[1:]:
         if not part.gene_names.equals(gene_names):
@@ -384,7 +399,7 @@ def cluster_stats(
 
     # -- labels → global codes --------------------------------------------------------------
     if labels is not None:
-        table = _read_labels_table(labels, label_column, cell_column)
+        table = _read_labels_table(labels, label_column, cell_column, storage_options)
         names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
         attrs["labels_unmatched"] = int(len(table) - table.index.isin(names).sum())
         if attrs["labels_unmatched"]:
@@ -1019,21 +1034,22 @@ def _groupby(
 # --------------------------------------------------------------------------------------------
 # Merging, reading and writing results
 # --------------------------------------------------------------------------------------------
-def read_stats(path: str | os.PathLike) -> Any:
-    """Open a statistics store written by :func:`write_stats` (``.zarr``), lazily."""
+def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> Any:
+    """Open a statistics store written by :func:`write_stats` (``.zarr``, local or a URL), lazily."""
     import xarray as xr
 
+    from bigcat import fs
     from bigcat.store import read_marker
 
-    path = Path(path)
-    if not path.exists():
+    path = str(path) if fs.is_url(path) else fs.local(path)
+    if not fs.exists(path, storage_options):
         msg = f"{path}: no such file or directory"
         raise InputNotFoundError(msg)
-    marker = read_marker(path)
+    marker = read_marker(path, storage_options)
     if marker is None or marker.get("layout") != "stats" or not marker.get("complete"):
         msg = f"{path}: not a complete bigcat statistics store (written by `bigcat stats --out X.zarr`)"
         raise BigcatFormatError(msg)
-    ds = xr.open_zarr(str(path))
+    ds = xr.open_zarr(fs.zarr_store(path, storage_options))
     ds.attrs.pop("bigcat", None)
     for name in ("cluster", "gene"):
         if ds[name].dtype.kind in "TU":
@@ -1041,7 +1057,7 @@ def read_stats(path: str | os.PathLike) -> Any:
     return ds
 
 
-def merge_stats(results: Sequence[Any]) -> Any:
+def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> Any:
     """Merge statistics computed over disjoint sets of cells, exactly.
 
     Parameters
@@ -1059,7 +1075,7 @@ def merge_stats(results: Sequence[Any]) -> Any:
     """
     import xarray as xr
 
-    loaded = [read_stats(r) if not isinstance(r, xr.Dataset) else r for r in results]
+    loaded = [read_stats(r, storage_options) if not isinstance(r, xr.Dataset) else r for r in results]
     if not loaded:
         msg = "merge_stats needs at least one result"
         raise BigcatInputError(msg)
@@ -1113,7 +1129,14 @@ def _long_table(ds: Any, clusters: slice) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def write_stats(ds: Any, path: str | os.PathLike, *, wide: bool = False, overwrite: bool = False) -> list[Path]:
+def write_stats(
+    ds: Any,
+    path: str | os.PathLike,
+    *,
+    wide: bool = False,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> list[Path | str]:
     """Write a statistics Dataset, atomically, in the format its extension names.
 
     Parameters
@@ -1130,16 +1153,25 @@ def write_stats(ds: Any, path: str | os.PathLike, *, wide: bool = False, overwri
         to ``NAME.<statistic>.parquet`` (what ``get_cl_stats_parquet`` users get).
     overwrite
         Replace existing outputs.
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
 
     Returns
     -------
     list of pathlib.Path
         The files written.
     """
-    from bigcat.store import atomic_path
+    from bigcat import fs
+    from bigcat.store import publish
 
-    path = Path(path)
-    suffix = path.suffix.lower()
+    url = fs.is_url(path)
+    path = str(path) if url else fs.local(path)
+    suffix = fs.suffix_of(path)
+
+    def atomic_path(target: Any, *, overwrite: bool) -> Any:
+        kind = "zarr" if fs.suffix_of(target) == ".zarr" else "file"
+        return publish(target, overwrite=overwrite, storage_options=storage_options, kind=kind)
+
     if suffix not in (".zarr", ".parquet", ".csv", ".h5ad"):
         msg = f"{path}: unknown output type {suffix or '(none)'!r}; use .zarr, .parquet, .csv or .h5ad"
         raise BigcatInputError(msg)
@@ -1153,14 +1185,15 @@ def write_stats(ds: Any, path: str | os.PathLike, *, wide: bool = False, overwri
             out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-                out.to_zarr(str(tmp), mode="w-", consolidated=True)
+                store = fs.zarr_store(tmp, storage_options, read_only=False)
+                out.to_zarr(store, mode="w-", consolidated=True)
             import zarr
 
-            root = zarr.open_group(str(tmp), mode="r+")
+            root = zarr.open_group(store, mode="r+")
             root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-                zarr.consolidate_metadata(str(tmp))
+                zarr.consolidate_metadata(store)
         return [path]
     if suffix == ".h5ad":
         import anndata as ad
@@ -1183,7 +1216,8 @@ def write_stats(ds: Any, path: str | os.PathLike, *, wide: bool = False, overwri
     written = []
     if wide:
         for name in matrices:
-            final = path.with_name(f"{path.stem}.{name}{path.suffix}")
+            stem = str(path)[: -len(suffix)] if suffix else str(path)
+            final = f"{stem}.{name}{suffix}" if url else Path(f"{stem}.{name}{suffix}")
             values = np.asarray(ds[name].values)
             columns = {"gene": pa.array(ds["gene"].values.astype(str))}
             for i, label in enumerate(ds["cluster"].values):

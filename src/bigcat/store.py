@@ -92,7 +92,9 @@ def output_kind(path: str | os.PathLike) -> str:
     BigcatInputError
         For any other extension.
     """
-    suffix = Path(path).suffix.lower()
+    from bigcat.fs import suffix_of
+
+    suffix = suffix_of(path)
     if suffix == ".h5ad":
         return "h5ad"
     if suffix == ".zarr":
@@ -101,8 +103,19 @@ def output_kind(path: str | os.PathLike) -> str:
     raise BigcatInputError(msg)
 
 
-def read_marker(path: str | os.PathLike) -> dict | None:
+def read_marker(path: str | os.PathLike, storage_options: dict | None = None) -> dict | None:
     """The ``bigcat`` root attribute of a Zarr store (``None`` if it has none)."""
+    from bigcat import fs
+
+    if fs.is_url(path):
+        import zarr
+
+        try:
+            attrs = dict(zarr.open_group(fs.zarr_store(path, storage_options), mode="r").attrs)
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+        return attrs.get(MARKER_KEY)
+    path = fs.local(path)
     zarr_json = Path(path) / "zarr.json"
     if zarr_json.is_file():
         with contextlib.suppress(ValueError, OSError):
@@ -159,6 +172,46 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         _remove(trash)
     else:
         tmp.rename(final)
+
+
+@contextlib.contextmanager
+def publish(
+    final: str | os.PathLike, *, overwrite: bool = False, storage_options: dict | None = None, kind: str = "zarr"
+) -> Iterator[Any]:
+    """Where to write an output so that it appears atomically at ``final``.
+
+    Local paths: :func:`atomic_path` (temporary sibling, renamed). URLs (see :mod:`bigcat.fs`):
+    a Zarr store (``kind="zarr"``) is written in place — its completion marker, written
+    last, is what makes it valid — after removing an existing bigcat store when
+    ``overwrite``; a single file (``kind="file"``) is written locally and uploaded in one
+    PUT. Yields a local ``Path`` or the URL string.
+    """
+    from bigcat import fs
+
+    if not fs.is_url(final):
+        with atomic_path(fs.local(final), overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    url = str(final)
+    if fs.exists(url, storage_options):
+        if not overwrite:
+            msg = f"{url}: output exists; pass --overwrite (overwrite=True) to replace it"
+            raise BigcatOutputExistsError(msg)
+        if kind == "zarr":
+            if read_marker(url, storage_options) is None:
+                msg = f"{url}: output exists and is not a store bigcat wrote; bigcat will not delete it"
+                raise BigcatOutputExistsError(msg)
+            fs.remove(url, storage_options)
+    if kind == "file":
+        with fs.local_copy_for_upload(url, storage_options) as tmp:
+            yield tmp
+        return
+    try:
+        yield url
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.remove(url, storage_options)
+        raise
 
 
 def _check_replaceable(final: Path, *, overwrite: bool) -> None:
@@ -344,13 +397,23 @@ class SparseZarrWriter(MatrixWriter):
     copies_blocks = True
 
     def __init__(
-        self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: Mapping, dtype: np.dtype, marker: dict
+        self,
+        path: Path | str,
+        obs: pd.DataFrame,
+        var: pd.DataFrame,
+        uns: Mapping,
+        dtype: np.dtype,
+        marker: dict,
+        storage_options: dict | None = None,
     ) -> None:
         import zarr
 
+        from bigcat.fs import zarr_store
+
         super().__init__(len(obs), len(var), dtype)
         self.path = path
-        self.root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        self.store = zarr_store(path, storage_options, read_only=False)
+        self.root = zarr.open_group(self.store, mode="w-", zarr_format=3)
         self.root.attrs[MARKER_KEY] = {**marker, "complete": False}
         _write_anndata_elements(self.root, obs, var, uns)
         index_dtype = np.int32 if self.n_genes < 2**31 else np.int64
@@ -449,7 +512,7 @@ class SparseZarrWriter(MatrixWriter):
         self.root.attrs[MARKER_KEY] = marker
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            zarr.consolidate_metadata(str(self.path))
+            zarr.consolidate_metadata(self.store)
 
 
 def _xarray_coords(frame: pd.DataFrame, names: dict[str, str], dim: str) -> dict[str, Any]:
@@ -485,13 +548,17 @@ class DenseZarrWriter(MatrixWriter):
         marker: dict,
         chunk_cells: int = DENSE_CHUNK_CELLS,
         chunk_genes: int = DENSE_CHUNK_GENES,
+        storage_options: dict | None = None,
     ) -> None:
         import dask.array as da
         import xarray as xr
         import zarr
 
+        from bigcat.fs import zarr_store
+
         super().__init__(len(obs), len(var), dtype)
         self.path = path
+        self.store = zarr_store(path, storage_options, read_only=False)
         obs_names, var_names = coord_names(list(obs.columns), list(var.columns))
         coords = {
             "cell": ("cell", np.asarray(obs.index.astype(str), dtype=object)),
@@ -521,8 +588,8 @@ class DenseZarrWriter(MatrixWriter):
             encoding.setdefault(name, {})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
-            ds.to_zarr(str(path), mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-        self.root = zarr.open_group(str(path), mode="r+")
+            ds.to_zarr(self.store, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+        self.root = zarr.open_group(self.store, mode="r+")
         self.array = self.root["X"]
         self.pending: list[sp.csr_matrix] = []
         self.n_pending = 0
@@ -552,7 +619,7 @@ class DenseZarrWriter(MatrixWriter):
         self.root.attrs[MARKER_KEY] = marker
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            zarr.consolidate_metadata(str(self.path))
+            zarr.consolidate_metadata(self.store)
 
 
 class H5adWriter(MatrixWriter):
@@ -611,6 +678,7 @@ def open_writer(
     overwrite: bool = False,
     source: dict | None = None,
     chunk_cells: int = DENSE_CHUNK_CELLS,
+    storage_options: dict | None = None,
 ) -> Iterator[MatrixWriter]:
     """Open an output for a matrix written as row blocks; publish it atomically on success.
 
@@ -632,6 +700,8 @@ def open_writer(
         Description of the input, recorded in the completion marker.
     chunk_cells
         Rows per chunk of the dense layout.
+    storage_options
+        fsspec options when ``path`` is a URL (see :mod:`bigcat.fs`).
 
     Yields
     ------
@@ -651,15 +721,22 @@ def open_writer(
         "shape": [len(obs), len(var)],
         "source": source or {},
     }
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    from bigcat import fs
+
+    final = str(path) if fs.is_url(path) else fs.local(path)
+    with publish(
+        path, overwrite=overwrite, storage_options=storage_options, kind=kind if kind == "zarr" else "file"
+    ) as tmp:
         writer: MatrixWriter
         if kind == "h5ad":
             writer = H5adWriter(tmp, obs, var, uns or {}, np.dtype(dtype))
         elif layout == "sparse":
-            writer = SparseZarrWriter(tmp, obs, var, uns or {}, np.dtype(dtype), marker)
+            writer = SparseZarrWriter(tmp, obs, var, uns or {}, np.dtype(dtype), marker, storage_options)
         else:
-            writer = DenseZarrWriter(tmp, obs, var, np.dtype(dtype), marker, chunk_cells=chunk_cells)
-        writer.path = Path(path)
+            writer = DenseZarrWriter(
+                tmp, obs, var, np.dtype(dtype), marker, chunk_cells=chunk_cells, storage_options=storage_options
+            )
+        writer.path = final
         try:
             yield writer
             if writer.rows_written != writer.n_cells:
@@ -667,7 +744,7 @@ def open_writer(
                 raise RuntimeError(msg)
             writer.path = tmp
             writer.finish({**marker, "complete": True, "nnz": writer.nnz_written})
-            writer.path = Path(path)
+            writer.path = final
         except BaseException:
             writer.abort()
             raise

@@ -407,6 +407,7 @@ def synth(
     layout: str = "sparse",
     overwrite: bool = False,
     progress: bool | None = None,
+    storage_options: dict | None = None,
 ) -> Path:
     """Write a synthetic atlas of raw counts to ``path`` (``.h5ad`` or ``.zarr``).
 
@@ -426,6 +427,8 @@ def synth(
         Replace an existing output (only one bigcat wrote, for a directory).
     progress
         Show a progress bar; ``None`` shows it on a terminal only.
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
 
     Returns
     -------
@@ -466,6 +469,7 @@ def synth(
             layout=layout,
             overwrite=overwrite,
             source=source,
+            storage_options=storage_options,
         ) as writer,
         progress_bar(total=n_cells, unit="cells", desc="synth", enabled=progress) as bar,
     ):
