@@ -351,6 +351,70 @@ def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict
     return "\n".join(lines), results
 
 
+READ_STORE = """
+import sys, time, json, zarr
+from bigcat.fs import zarr_store
+url, options = sys.argv[1], json.loads(sys.argv[2])
+zarr.config.set({"async.concurrency": int(sys.argv[3])})
+x = zarr.open_group(zarr_store(url, options or None), mode="r")["X"]
+t = time.perf_counter()
+n = sum(x[name][...].nbytes for name in ("indptr", "data", "indices"))
+print(time.perf_counter() - t, n)
+"""
+
+
+def run_s3(scale: str, n_repeat: int) -> tuple[str, dict]:
+    """Read X's arrays of the same store from local disk and from an S3 server on loopback."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import s3fs
+
+    from conftest import S3Server  # the test suite's moto server, started the same way
+
+    store = DATA / (dataset(scale).stem + ".zarr")
+    if not store.exists():
+        measure([*BIGCAT, "convert", str(dataset(scale)), str(store), "--quiet"])
+    server = S3Server(DATA)
+    results: dict = {}
+    try:
+        options = server.options()
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("bench")
+        start = time.perf_counter()
+        fs.put(str(store), "bench/atlas.zarr", recursive=True)
+        results["upload"] = time.perf_counter() - start
+        for concurrency in (10, 64):
+            print(f"[{scale}] read from local disk and from S3, concurrency {concurrency} ×{n_repeat}", flush=True)
+            results[f"local-{concurrency}"] = repeat(
+                [sys.executable, "-c", READ_STORE, str(store), "{}", str(concurrency)], n_repeat
+            )
+            results[f"s3-{concurrency}"] = repeat(
+                [sys.executable, "-c", READ_STORE, "s3://bench/atlas.zarr", json.dumps(options), str(concurrency)],
+                n_repeat,
+            )
+    finally:
+        server.close()
+    size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    lines = [
+        f"### Reading the dataset-{scale} store ({gib(size)}) from S3 on loopback vs local disk",
+        "",
+        "moto's S3 server (one Python process) on 127.0.0.1; zarr-python's FsspecStore over s3fs; X's three arrays "
+        "read whole (the timer runs inside the process, after imports).",
+        "",
+        "| zarr async.concurrency | local disk (last of the runs; process median) | S3 on loopback | S3 / local |",
+        "|---|---|---|---|",
+    ]
+    for concurrency in (10, 64):
+        local, remote = results[f"local-{concurrency}"], results[f"s3-{concurrency}"]
+        t_local = float(local["stdout"].split()[0])
+        t_remote = float(remote["stdout"].split()[0])
+        lines.append(
+            f"| {concurrency} | {t_local:.2f} s (process {local['wall']:.1f} s) | {t_remote:.2f} s (process "
+            f"{remote['wall']:.1f} s) | **{t_remote / t_local:.2f}×** (target ≤ 2×) |"
+        )
+    lines += ["", f"Upload of the store to the server: {results['upload']:.1f} s."]
+    return "\n".join(lines), results
+
+
 def _ok(condition: bool) -> str:
     return "met" if condition else "**missed**"
 
@@ -402,12 +466,12 @@ def main() -> None:
     parser.add_argument("--scale", nargs="+", default=["S"], choices=sorted(SCALES))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--only", choices=["convert", "stats"], help="Run one group of benchmarks.")
+    parser.add_argument("--only", choices=["convert", "stats", "s3"], help="Run one group of benchmarks.")
     parser.add_argument("--clusters", nargs="+", type=int, default=[50, 5000], help="Cluster counts for stats.")
     parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
-    sections: dict[str, list[str]] = {"convert": [], "stats": []}
+    sections: dict[str, list[str]] = {"convert": [], "stats": [], "s3": []}
     for scale in ARGS.scale:
         if ARGS.only in (None, "convert"):
             text, results = run_scale(scale, ARGS.repeat)
@@ -419,6 +483,11 @@ def main() -> None:
             print(text, flush=True)
             sections["stats"].append(text)
             (DATA / f"results-stats-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
+        if ARGS.only in (None, "s3"):
+            text, results = run_s3(scale, ARGS.repeat)
+            print(text, flush=True)
+            sections["s3"].append(text)
+            (DATA / f"results-s3-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
     write_report({group: "\n\n".join(texts) for group, texts in sections.items() if texts}, ARGS.report)
     print(f"wrote {ARGS.report}")
 
