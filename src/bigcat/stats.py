@@ -68,8 +68,6 @@ NEEDS = {
     "nnz": ("nnz",),
 }
 ACCUMULATORS = ("sums", "sqr_sums", "present_counts", "nnz")
-#: statistics stored as float32 arrays derived from the accumulators
-DERIVED = ("means", "present", "sqr_means", "vars")
 ACC_DTYPES = {"sums": np.float64, "sqr_sums": np.float64, "present_counts": np.int32, "nnz": np.int32}
 #: fan-in of the tree that sums row-partition accumulators
 FAN_IN = 8
