@@ -505,57 +505,57 @@ def _default_client(client: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Finishing: accumulators → statistics
 # --------------------------------------------------------------------------------------------
-#: clusters per chunk of the lazily derived statistics (≈ 16 MB of float32 at 32,285 genes)
-DERIVED_CHUNK_BYTES = 16 << 20
+class _Derived:
+    """One float32 statistic over the float64 accumulators, as an array-like that
+    ``dask.array.from_array`` slices: each requested region is computed on access, in slabs
+    of clusters (no float64 temporary of full size), straight into its float32 output."""
 
-
-class _Slicer:
-    """An in-memory array seen through ``__getitem__`` only, so ``dask.array.from_array``
-    slices it per chunk on demand instead of copying it into chunks up front."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.values = values
-        self.shape, self.dtype, self.ndim = values.shape, values.dtype, values.ndim
+    def __init__(self, name: str, acc: dict[str, np.ndarray], n_cells: np.ndarray) -> None:
+        self.name, self.acc = name, acc
+        self.n = np.asarray(n_cells, dtype=np.float64)
+        self.shape = next(iter(acc.values())).shape
+        self.dtype, self.ndim = np.dtype(np.float32), 2
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return self.values[key]
-
-
-def _lazy(values: np.ndarray, rows: int) -> Any:
-    import dask.array as da
-
-    meta = np.empty((0,) * values.ndim, dtype=values.dtype)
-    return da.from_array(_Slicer(values), chunks=(rows, -1), name=False, asarray=False, meta=meta)
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        r0, r1, _ = rows.indices(self.shape[0])
+        out = np.empty((max(r1 - r0, 0), len(range(*cols.indices(self.shape[1])))), dtype=np.float32)
+        step = max(1, (1 << 21) // max(out.shape[1], 1))
+        for lo in range(r0, r1, step):
+            hi = min(lo + step, r1)
+            n = self.n[lo:hi, None]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if self.name == "means":
+                    value = self.acc["sums"][lo:hi, cols] / n
+                elif self.name == "sqr_means":
+                    value = self.acc["sqr_sums"][lo:hi, cols] / n
+                elif self.name == "present":
+                    value = self.acc["present_counts"][lo:hi, cols] / n
+                else:  # population variance, from float64 accumulators
+                    mean = self.acc["sums"][lo:hi, cols] / n
+                    value = np.maximum(self.acc["sqr_sums"][lo:hi, cols] / n - mean * mean, 0.0)
+            out[lo - r0 : hi - r0] = value
+        return out
 
 
 def _derive(acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str]) -> dict:
     """The float32 statistics as lazy Dask arrays over the in-memory float64 accumulators.
 
     They are elementwise and cheap, so they are computed when read (``.values``,
-    ``.load()``, ``write_stats``) chunk by chunk; the result of :func:`cluster_stats` then
-    costs only its accumulators' memory (with 5,000 clusters × 32,285 genes, eager float32
-    copies would add 0.65 GB per statistic, and freshly touched memory is slow here).
+    ``.load()``, ``write_stats``, or any slice of them, which computes only that slice); the
+    result of :func:`cluster_stats` then costs only its accumulators' memory. One chunk
+    each, so ``.load()`` builds each statistic once, in place, with no concatenation copy.
     """
     import dask.array as da
 
     if not acc:
         return {}
-    n_genes = next(iter(acc.values())).shape[1]
-    rows = max(1, DERIVED_CHUNK_BYTES // max(4 * n_genes, 1))
-    lazy = {name: _lazy(values, rows) for name, values in acc.items()}
-    n = _lazy(np.asarray(n_cells, dtype=np.float64)[:, None], rows)
     derived = {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = lazy["sums"] / n if "sums" in lazy else None
-        sqr_mean = lazy["sqr_sums"] / n if "sqr_sums" in lazy else None
-        if "means" in stats:
-            derived["means"] = mean.astype(np.float32)
-        if "sqr_means" in stats:
-            derived["sqr_means"] = sqr_mean.astype(np.float32)
-        if "present" in stats:
-            derived["present"] = (lazy["present_counts"] / n).astype(np.float32)
-        if "vars" in stats:
-            derived["vars"] = da.maximum(sqr_mean - mean * mean, 0.0).astype(np.float32)
+    for name in stats:
+        if name in ("means", "sqr_means", "present", "vars"):
+            source = _Derived(name, acc, n_cells)
+            meta = np.empty((0, 0), dtype=np.float32)
+            derived[name] = da.from_array(source, chunks=source.shape, name=False, asarray=False, meta=meta)
     return derived
 
 
