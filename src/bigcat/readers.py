@@ -364,23 +364,21 @@ class MatrixSource:
 
     def obs_names(self) -> pd.Index:
         """Cell names."""
-        group = self._modern_frame("obs")
-        index_key = group.attrs.get("_index") if group is not None else None
-        if index_key is not None and index_key in group and _is_array(group[index_key]):
-            values = _strings(group[index_key])
-            if len(values) == self.shape[0]:
-                return pd.Index(values, dtype=object)
-        return pd.Index(self.obs.index.astype(str))
+        return self._names("obs", self.shape[0])
 
     def var_names(self) -> pd.Index:
         """Gene names."""
-        group = self._modern_frame("var")
+        return self._names("var", self.shape[1])
+
+    def _names(self, key: str, length: int) -> pd.Index:
+        """The index of obs or var, read on its own when the encoding allows."""
+        group = self._modern_frame(key)
         index_key = group.attrs.get("_index") if group is not None else None
         if index_key is not None and index_key in group and _is_array(group[index_key]):
             values = _strings(group[index_key])
-            if len(values) == self.shape[1]:
+            if len(values) == length:
                 return pd.Index(values, dtype=object)
-        return pd.Index(self.var.index.astype(str))
+        return pd.Index(getattr(self, key).index.astype(str))
 
     def _frame(self, key: str, length: int) -> pd.DataFrame:
         if self.container == "zarr-dense":
