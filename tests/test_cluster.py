@@ -158,3 +158,20 @@ def test_local_cluster_idle_timeout_and_in_process_results(counts):
             result = bigcat.cluster_stats(counts, stats="sums", client=client)
     x = dense(ad.read_h5ad(counts).X).astype(np.float64)
     np.testing.assert_array_equal(result["sums"].values.sum(axis=0), x.sum(axis=0))
+
+
+def test_sample_through_a_remote_scheduler_matches_the_local_run(dask_scheduler, counts, tmp_path):
+    store = bigcat.convert(counts, tmp_path / "atlas.zarr", progress=False)
+    local = bigcat.sample(store, tmp_path / "local.zarr", cells=0.3, genes=0.5, seed=4, progress=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bigcat", "sample", str(store), str(tmp_path / "remote.zarr"), "--cells", "0.3",
+         "--genes", "0.5", "--seed", "4", "--cluster", dask_scheduler, "--quiet"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Dask dashboard" in done.stderr
+    a, b = bigcat.open_dataset(tmp_path / "remote.zarr"), bigcat.open_dataset(local)
+    np.testing.assert_array_equal(dense(a.X.data.compute()), dense(b.X.data.compute()))
+    assert list(a.cell.values) == list(b.cell.values)
+    assert list(a.gene.values) == list(b.gene.values)
+    assert a.sizes["cell"] == round(0.3 * 6000)

@@ -159,28 +159,39 @@ def sample(
     by: Annotated[str, typer.Option("--by", help="obs column for --max-cells-per-cluster.")] = "cluster",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     layout: Annotated[str, typer.Option("--layout", help="Zarr layout of the output.")] = "sparse",
+    cluster: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--cluster", help="Read and subset row blocks on this Dask cluster (default: here)."),
+    ] = None,
+    idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     storage_option: StorageOptions = None,
 ) -> None:
     """Write a random subset of cells and genes, without loading the matrix."""
+    import contextlib
+
+    from bigcat.cluster import connect
     from bigcat.sample import sample as run
 
-    path = run(
-        input,
-        output,
-        fraction=fraction,
-        cells=cells,
-        genes=genes,
-        n_cells=n_cells,
-        max_cells_per_cluster=max_cells_per_cluster,
-        by=by,
-        seed=seed,
-        layout=layout,
-        overwrite=overwrite,
-        progress=_progress(quiet),
-        storage_options=parse_storage_options(storage_option),
-    )
+    with connect(cluster, idle_timeout=idle_timeout) if cluster else contextlib.nullcontext() as client:
+        _dashboard(client)
+        path = run(
+            input,
+            output,
+            fraction=fraction,
+            cells=cells,
+            genes=genes,
+            n_cells=n_cells,
+            max_cells_per_cluster=max_cells_per_cluster,
+            by=by,
+            seed=seed,
+            layout=layout,
+            overwrite=overwrite,
+            progress=_progress(quiet),
+            storage_options=parse_storage_options(storage_option),
+            client=client,
+        )
     typer.echo(f"wrote {path}")
 
 

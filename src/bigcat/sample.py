@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -99,6 +100,7 @@ def sample(
     overwrite: bool = False,
     progress: bool | None = None,
     storage_options: dict | None = None,
+    client: Any = None,
 ) -> Path:
     """Write a random subset of the cells and genes of ``input`` to ``output``.
 
@@ -129,6 +131,10 @@ def sample(
         Progress bar; ``None``: only on a terminal.
     storage_options
         fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat.fs`).
+    client
+        A ``distributed.Client``: row blocks are read and subset by the workers (a few
+        blocks in flight per worker thread) and written here, in order. CSC inputs stream
+        through this process.
 
     Returns
     -------
@@ -175,16 +181,54 @@ def sample(
             ) as writer,
             progress_bar(total=len(cell_index), unit="cells", desc="sample", enabled=progress) as bar,
         ):
-            all_genes = len(gene_index) == source.shape[1]
-            for start, stop, block in prefetch(_blocks_with(source, cell_index)):
-                lo, hi = np.searchsorted(cell_index, [start, stop])
-                part = block[cell_index[lo:hi] - start]
-                if not all_genes:
-                    part = part[:, gene_index]
-                part.sort_indices()
+            genes_kept = None if len(gene_index) == source.shape[1] else gene_index
+            if client is not None and source.encoding != "csc":
+                from bigcat.cluster import check_visible
+
+                check_visible(client, [source.path])
+                parts = _parts_on_cluster(source, cell_index, genes_kept, client)
+            else:
+                parts = (
+                    _subset(block, start, cell_index, genes_kept)
+                    for start, _, block in prefetch(_blocks_with(source, cell_index))
+                )
+            for part in parts:
                 writer.write_rows(part)
-                bar.update(hi - lo)
+                bar.update(part.shape[0])
     return str(output) if is_url(output) else local(output)
+
+
+def _subset(block: Any, start: int, rows: np.ndarray, genes: np.ndarray | None) -> Any:
+    """The kept ``rows`` (sorted, absolute) of a CSR block starting at row ``start``, and kept genes."""
+    lo, hi = np.searchsorted(rows, [start, start + block.shape[0]])
+    part = block[rows[lo:hi] - start]
+    if genes is not None:
+        part = part[:, genes]
+    part.sort_indices()
+    return part
+
+
+def _read_subset(source: MatrixSource, first: int, last: int, rows: np.ndarray, genes: np.ndarray | None) -> Any:
+    """One worker task: read rows ``first:last`` and keep ``rows`` and ``genes``."""
+    return _subset(source.read_rows(first, last), first, rows, genes)
+
+
+def _parts_on_cluster(source: MatrixSource, rows: np.ndarray, genes: np.ndarray | None, client: Any) -> Any:
+    """Subset blocks computed by the workers, yielded in row order with a bounded number in flight."""
+    from collections import deque
+
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()) or 1
+    pending: deque = deque()
+    for start, stop in itertools.pairwise(source.row_bounds(BLOCK_NNZ)):
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi == lo:
+            continue
+        first, last = int(rows[lo]), int(rows[hi - 1]) + 1
+        pending.append(client.submit(_read_subset, source, first, last, rows[lo:hi], genes, pure=False))
+        if len(pending) >= 2 * threads:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _blocks_with(source: MatrixSource, rows: np.ndarray):
