@@ -608,27 +608,23 @@ def main() -> None:
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
     sections: dict[str, list[str]] = {"convert": [], "stats": [], "s3": [], "scaling": []}
-    for scale in ARGS.scale:
-        if ARGS.only in (None, "convert"):
-            text, results = run_scale(scale, ARGS.repeat)
-            print(text, flush=True)
-            sections["convert"].append(text)
-            (DATA / f"results-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
-        if ARGS.only in (None, "stats"):
-            text, results = run_stats(scale, ARGS.repeat, ARGS.clusters)
-            print(text, flush=True)
-            sections["stats"].append(text)
-            (DATA / f"results-stats-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
-        if ARGS.only in (None, "s3"):
-            text, results = run_s3(scale, ARGS.repeat)
-            print(text, flush=True)
-            sections["s3"].append(text)
-            (DATA / f"results-s3-{scale}.json").write_text(json.dumps(results, indent=1, default=str))
-    if ARGS.only in (None, "scaling"):
-        text, points = run_scaling(ARGS.repeat, full="M" in ARGS.scale)
+
+    def record(group: str, name: str, text: str, results: object) -> None:
         print(text, flush=True)
-        sections["scaling"].append(text)
-        (DATA / "results-scaling.json").write_text(json.dumps(points, indent=1, default=str))
+        sections[group].append(text)
+        (DATA / f"results-{name}.json").write_text(json.dumps(results, indent=1, default=str))
+
+    per_scale = {
+        "convert": lambda scale: run_scale(scale, ARGS.repeat),
+        "stats": lambda scale: run_stats(scale, ARGS.repeat, ARGS.clusters),
+        "s3": lambda scale: run_s3(scale, ARGS.repeat),
+    }
+    for scale in ARGS.scale:
+        for group, run in per_scale.items():
+            if ARGS.only in (None, group):
+                record(group, f"{group}-{scale}", *run(scale))
+    if ARGS.only in (None, "scaling"):
+        record("scaling", "scaling", *run_scaling(ARGS.repeat, full="M" in ARGS.scale))
     write_report({group: "\n\n".join(texts) for group, texts in sections.items() if texts}, ARGS.report)
     print(f"wrote {ARGS.report}")
 
