@@ -17,7 +17,8 @@ def run_demo(
     n_clusters: int = 50,
     progress: bool | None = None,
 ) -> dict[str, Path]:
-    """Synthesize an atlas, convert it to both Zarr layouts, open it and print what was opened.
+    """Synthesize an atlas, convert it to both Zarr layouts, open it, compute cluster statistics,
+    rank marker genes and draw a dot plot of them.
 
     Parameters
     ----------
@@ -31,7 +32,7 @@ def run_demo(
     Returns
     -------
     dict
-        The paths written (``h5ad``, ``sparse``, ``dense``).
+        The paths written (``h5ad``, ``sparse``, ``dense``, ``stats``, ``dotplot``).
     """
     import numpy as np
 
@@ -80,19 +81,29 @@ def run_demo(
     print(result)
     with open_source(paths["sparse"]) as source:
         truth = source.uns.get("bigcat_synth", {}).get("markers")
-    means = result["means"].values
-    rest = (means.sum(axis=0, keepdims=True) - means) / max(len(means) - 1, 1)
-    genes = result["gene"].values
-    print("\ntop marker gene per cluster (highest mean log2 CPM minus the mean of the other clusters):")
-    for i, label in enumerate(result["cluster"].values[:5]):
-        top = int(np.argmax(means[i] - rest[i]))
-        known = ""
-        if truth is not None:
-            known = "  (a planted marker)" if top in set(np.asarray(truth)[i].tolist()) else "  (not a planted marker)"
-        print(
-            f"  {label}: {genes[top]}  mean {means[i, top]:.2f} vs {rest[i, top]:.2f} elsewhere, "
-            f"present in {result['present'].values[i, top]:.0%} of its {int(result['n_cells'][i])} cells{known}"
-        )
     print(f"statistics written to {paths['stats']}")
+    step("marker genes (bigcat.markers) and a dot plot of them (bigcat.dotplot)")
+    from bigcat.marker_genes import markers
+    from bigcat.plot import dotplot, save
+
+    table = markers(result, top=2)
+    genes = result["gene"].values
+    planted = set()
+    if truth is not None:
+        planted = {(str(result["cluster"].values[i]), str(genes[g])) for i, row in enumerate(truth) for g in row}
+    print("best marker of the first clusters (score = q_diff × log fold change vs the runner-up cluster):")
+    for _, row in table[table["rank"] == 1].head(5).iterrows():
+        known = "" if not planted else "  (planted)" if (str(row.cluster), row.gene) in planted else "  (not planted)"
+        print(
+            f"  {row.cluster}: {row.gene}  mean {row['mean']:.2f} vs {row.mean_other:.2f} in {row.runner_up}, "
+            f"present in {row.present:.0%} vs at most {row.present_other:.0%} elsewhere{known}"
+        )
+    if planted:
+        found = sum((str(c), str(g)) in planted for c, g in zip(table["cluster"], table["gene"], strict=True))
+        print(f"top 2 markers of {table['cluster'].nunique()} clusters: {found} of {len(table)} are planted markers")
+    paths["dotplot"] = folder / "dotplot.png"
+    save(dotplot(result, markers=2, title="Top 2 marker genes per cluster (synthetic atlas)"), paths["dotplot"],
+         overwrite=True)  # fmt: skip
+    print(f"dot plot written to {paths['dotplot']}")
     step("done")
     return paths

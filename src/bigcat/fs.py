@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["filesystem", "is_url", "name_of", "parse_storage_options", "suffix_of", "zarr_store"]
+__all__ = ["filesystem", "is_url", "name_of", "open_file", "parse_storage_options", "suffix_of", "zarr_store"]
 
 #: bounded waits for S3 unless the caller says otherwise (botocore's defaults wait minutes)
 S3_DEFAULT_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 4, "mode": "standard"}}
@@ -87,6 +87,18 @@ def exists(path: str | os.PathLike, storage_options: dict | None = None) -> bool
         return local(path).exists()
     fs, inner = filesystem(str(path), storage_options)
     return fs.exists(inner)
+
+
+@contextlib.contextmanager
+def open_file(path: str | os.PathLike, storage_options: dict | None = None) -> Iterator[Any]:
+    """A binary file object for reading ``path`` (a local file or an object behind a URL)."""
+    if not is_url(path):
+        with local(path).open("rb") as handle:
+            yield handle
+        return
+    fs, inner = filesystem(str(path), storage_options)
+    with fs.open(inner, "rb") as handle:
+        yield handle
 
 
 def remove(path: str | os.PathLike, storage_options: dict | None = None) -> None:
