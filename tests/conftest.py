@@ -75,8 +75,18 @@ def dense(x) -> np.ndarray:
 class DaskProcesses:
     """A real ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (free ports)."""
 
-    def __init__(self, folder: Path, n_workers: int = 2, threads: int = 1) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        n_workers: int = 2,
+        threads: int = 1,
+        *,
+        memory_limit: str = "3GB",
+        nanny: bool = False,
+        env: dict | None = None,
+    ) -> None:
         import json
+        import os
         import subprocess
         import sys
         import time
@@ -90,7 +100,7 @@ class DaskProcesses:
         scheduler = subprocess.Popen(
             [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
              "--scheduler-file", str(info)],
-            stdout=self.logs[0], stderr=subprocess.STDOUT,
+            stdout=self.logs[0], stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.procs.append(scheduler)
         deadline = time.monotonic() + 60
@@ -105,8 +115,9 @@ class DaskProcesses:
             self.logs.append(log)
             worker = subprocess.Popen(
                 [dask, "worker", self.address, "--nthreads", str(threads), "--nworkers", "1", "--memory-limit",
-                 "3GB", "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
-                stdout=log, stderr=subprocess.STDOUT,
+                 memory_limit, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
+                 "--nanny" if nanny else "--no-nanny"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )  # fmt: skip
             self.procs.append(worker)
             self.workers.append(worker)

@@ -176,14 +176,14 @@ def test_killed_conversion_leaves_no_store(encodings, tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".killed.zarr.bigcat-tmp-*/X/data")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".killed.zarr.bigcat-partial/X/data")) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
     assert proc.poll() is None, "conversion finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    leftovers = list(tmp_path.glob(".killed.zarr.bigcat-tmp-*"))
+    leftovers = list(tmp_path.glob(".killed.zarr.bigcat-partial"))
     assert len(leftovers) == 1
     with pytest.raises(BigcatStoreIncompleteError, match="incomplete store"):
         bigcat.open_dataset(leftovers[0])

@@ -7,10 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from bigcat.errors import BigcatInputError
 from bigcat.fs import is_url, local
 from bigcat.progress import progress_bar
 from bigcat.readers import BLOCK_NNZ, open_source
-from bigcat.store import DENSE_CHUNK_CELLS, SPARSE_SHARD, open_writer, output_kind
+from bigcat.store import DENSE_CHUNK_CELLS, SPARSE_CHUNK, SPARSE_SHARD, open_writer, output_kind
 from bigcat.util import prefetch
 
 __all__ = ["convert"]
@@ -29,6 +32,8 @@ def convert(
     storage_options: dict | None = None,
     block_nnz: int = BLOCK_NNZ,
     client: Any = None,
+    resume: bool = False,
+    shard_values: int = SPARSE_SHARD,
 ) -> Path:
     """Convert an AnnData file to a bigcat store (or another ``.h5ad``), row block by row block.
 
@@ -45,7 +50,8 @@ def convert(
     chunk_cells
         Rows per chunk of the dense layout (default 8,000); also caps the rows per block read.
     overwrite
-        Replace an existing output (a directory only if bigcat wrote it).
+        Replace an existing output (a directory only if bigcat wrote it), or an interrupted
+        conversion of it.
     progress
         Show a progress bar; ``None``: only on a terminal.
     storage_options
@@ -56,6 +62,15 @@ def convert(
         A ``distributed.Client``: a CSR input converted to the sparse layout is then copied
         as parallel tasks, one per output shard (the workers must see the input and the
         output folder). Other inputs and layouts stream through this process.
+    resume
+        Continue an interrupted conversion to a ``.zarr`` output from its last recorded row
+        (see :mod:`bigcat.store`); refused if the input or the settings changed. The
+        result is byte for byte what an uninterrupted run writes. A conversion streamed
+        through this process records its progress after every shard of values (or chunk
+        row of the dense layout); a parallel copy on a ``client`` records none, so it
+        starts over.
+    shard_values
+        Values per file of the sparse layout's ``data`` and ``indices`` (default 32 Mi).
 
     Returns
     -------
@@ -68,7 +83,8 @@ def convert(
         Unreadable or invalid input (checked while streaming: indptr monotone and ending at
         the number of values, indices within range).
     BigcatOutputExistsError
-        The output exists and ``overwrite`` is false.
+        The output exists (or an interrupted conversion of it) and neither ``overwrite``
+        nor ``resume`` is given.
 
     Notes
     -----
@@ -78,6 +94,10 @@ def convert(
     every row block, which would be quadratic.
     """
     output_kind(output)
+    non_finite = 0
+    if shard_values < 1 or (shard_values > SPARSE_CHUNK and shard_values % SPARSE_CHUNK):
+        msg = f"shard_values must be at most {SPARSE_CHUNK} or a multiple of it, not {shard_values}"
+        raise BigcatInputError(msg)
     with open_source(input, require_marker=False, storage_options=storage_options) as source:
         obs, var, uns = source.obs, source.var, source.uns
         cells = chunk_cells or DENSE_CHUNK_CELLS
@@ -93,23 +113,39 @@ def convert(
                 overwrite=overwrite,
                 source={"input": source.fingerprint()},
                 chunk_cells=cells,
+                resume=resume if (resume or output_kind(output) == "zarr") else None,
+                shard=shard_values,
             ) as writer,
             progress_bar(total=source.shape[0], unit="cells", desc="convert", enabled=progress) as bar,
         ):
-            if client is not None and source.encoding == "csr" and hasattr(writer, "copy_csr"):
+            first = writer.rows_written
+            bar.update(first)
+            if client is not None and source.encoding == "csr" and hasattr(writer, "copy_csr") and not first:
                 from bigcat.cluster import check_visible
 
                 check_visible(client, [source.path] + ([] if is_url(output) else [Path(output).resolve().parent]))
                 bar.total, bar.unit = source.nnz, "values"
-                writer.copy_csr(source, client, progress=lambda lo: bar.update(min(SPARSE_SHARD, source.nnz - lo)))
+                writer.copy_csr(source, client, progress=lambda lo: bar.update(min(shard_values, source.nnz - lo)))
             else:
                 if client is not None:
                     log.info("%s: %s X streams through this process (no parallel copy)", input, source.encoding)
                 # reused buffers when the writer copies each block before the producer, one
                 # block ahead, can reach its buffer again (a ring of 3)
-                blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells, reuse=writer.copies_blocks)
+                blocks = source.iter_row_blocks(
+                    block_nnz, max_rows=chunk_cells, reuse=writer.copies_blocks, start=first
+                )
+                check_finite = source.dtype.kind == "f"
                 for start, stop, block in prefetch(blocks, depth=1):
+                    if check_finite:
+                        non_finite += int(block.nnz - np.count_nonzero(np.isfinite(block.data)))
                     writer.write_rows(block)
                     bar.update(stop - start)
         log.info("converted %s (%d × %d, %d values) to %s", input, *source.shape, writer.nnz_written, output)
+    if non_finite:
+        log.warning(
+            "%s: X holds %d non-finite values (NaN or ±inf), copied as they are; statistics over them follow "
+            "IEEE rules (NaN propagates)",
+            input,
+            non_finite,
+        )
     return str(output) if is_url(output) else local(output)

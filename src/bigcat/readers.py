@@ -483,9 +483,12 @@ class MatrixSource:
         return np.unique(np.r_[np.arange(0, self.shape[0], rows), self.shape[0]]).astype(np.int64)
 
     def iter_row_blocks(
-        self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None, *, reuse: bool = False
+        self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None, *, reuse: bool = False, start: int = 0
     ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         """Yield ``(start, stop, csr_block)`` covering all rows in order, in bounded memory.
+
+        ``start``: begin at this row (a resumed conversion); earlier rows are not read
+        (except through a CSC X's transposition, which needs a whole pass).
 
         ``reuse``: read an ``.h5ad``'s blocks into a ring of ``REUSE_BUFFERS`` preallocated
         buffers; a block stays valid until ``REUSE_BUFFERS - 1`` more have been produced
@@ -496,9 +499,13 @@ class MatrixSource:
         each bucket is assembled; time and temporary disk are O(nnz), memory O(max_nnz).
         """
         if self.encoding == "csc":
-            yield from self._csc_row_blocks(max_nnz, max_rows)
+            for lo, hi, block in self._csc_row_blocks(max_nnz, max_rows):
+                if hi > start:
+                    yield max(lo, start), hi, block[max(start - lo, 0) :] if lo < start else block
             return
         bounds = self.row_bounds(max_nnz, max_rows)
+        if start:
+            bounds = np.r_[start, bounds[bounds > start]].astype(np.int64)
         ring = None
         if reuse and self.encoding == "csr" and self.container == "h5ad" and len(bounds) > 1:
             size = int(np.max(self.indptr[bounds[1:]] - self.indptr[bounds[:-1]]))
@@ -507,9 +514,9 @@ class MatrixSource:
                 (np.empty(size, dtype=self.dtype), np.empty(size, dtype=np.dtype(x["indices"].dtype).newbyteorder("=")))
                 for _ in range(REUSE_BUFFERS)
             ]
-        for i, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             buffers = ring[i % len(ring)] if ring else None
-            yield int(start), int(stop), self.read_rows(int(start), int(stop), buffers)
+            yield int(lo), int(hi), self.read_rows(int(lo), int(hi), buffers)
 
     def _csc_row_blocks(self, max_nnz: int, max_rows: int | None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         n_rows, n_cols = self.shape

@@ -20,6 +20,20 @@ metadata). A store without it was never finished and is refused by
 :func:`bigcat.open_dataset`. Locally a store is also written under a temporary sibling
 name and renamed into place when complete, so an interrupted run never leaves anything
 under the final name.
+
+Resumable conversions
+---------------------
+A conversion (``open_writer(..., resume=False|True)``) writes its store under a fixed
+hidden name beside the output (``.NAME.zarr.bigcat-partial``; for a URL, the output
+itself, marked incomplete) and, after every shard of values is safely written, records
+its progress in ``bigcat-resume/`` inside it: ``state.json`` (rows and values done, the
+input's fingerprint, the settings) and the per-row value counts since the previous
+checkpoint (``rows-NNNNNN.npy``). An interrupted run (SIGKILL, Ctrl-C, a lost
+connection) leaves that behind; ``resume=True`` refuses it if the input or the settings
+changed, else truncates the arrays to the last complete shard, re-reads the values of
+the shard in progress from the store itself and continues with the next row. The
+``bigcat-resume/`` folder is removed before the completion marker is written, so a
+resumed store is byte for byte the store an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import warnings
@@ -47,6 +62,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LAYOUTS",
     "MARKER_KEY",
+    "Checkpoints",
     "MatrixWriter",
     "atomic_path",
     "coord_names",
@@ -69,6 +85,8 @@ SPARSE_SHARD = 32 * SPARSE_CHUNK
 DENSE_CHUNK_CELLS = 8000
 DENSE_CHUNK_GENES = 4000
 H5AD_CHUNK = 1 << 18
+#: folder inside a partial store holding the progress of a resumable conversion
+RESUME_DIR = "bigcat-resume"
 
 
 def _bigcat_version() -> str:
@@ -155,9 +173,7 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         msg = f"{final}: output folder {parent} does not exist"
         raise BigcatInputError(msg)
     _check_replaceable(final, overwrite=overwrite)
-    if not os.access(parent, os.W_OK):
-        msg = f"{final}: output folder {parent} is not writable"
-        raise BigcatInputError(msg)
+    _check_writable(final)
     tmp = parent / f".{final.name}.bigcat-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         yield tmp
@@ -214,6 +230,20 @@ def publish(
         raise
 
 
+def _check_writable(final: Path) -> None:
+    """Refuse now, with a clear message, an output folder we cannot create files in (a
+    permission check alone misses read-only file systems and root's exemptions)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{final.name}.bigcat-probe-", dir=final.parent)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as error:
+        msg = f"{final}: cannot write in the output folder {final.parent} ({error.strerror or error})"
+        raise BigcatInputError(msg) from error
+
+
 def _check_replaceable(final: Path, *, overwrite: bool) -> None:
     if not (final.exists() or final.is_symlink()):
         return
@@ -223,6 +253,221 @@ def _check_replaceable(final: Path, *, overwrite: bool) -> None:
     if final.is_dir() and read_marker(final) is None:
         msg = f"{final}: output exists and is not a store bigcat wrote; bigcat will not delete it, remove it yourself"
         raise BigcatOutputExistsError(msg)
+
+
+class Checkpoints:
+    """The progress of a resumable conversion, kept inside its partial store.
+
+    Parameters
+    ----------
+    store
+        The partial store (a local path or a URL).
+    settings
+        What must not change between the interrupted and the resumed run (input
+        fingerprint, layout, dtype, shape, chunking).
+    storage_options
+        fsspec options for URLs.
+    """
+
+    def __init__(self, store: Any, settings: dict, storage_options: dict | None = None) -> None:
+        from bigcat import fs
+
+        self.url = fs.is_url(store)
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
+        if self.url:
+            self.fs, root = fs.filesystem(str(store), storage_options)
+            self.dir = f"{root.rstrip('/')}/{RESUME_DIR}"
+        else:
+            self.fs, self.dir = None, fs.local(store) / RESUME_DIR
+        self.rows = 0
+        self.nnz = 0
+        self.n_files = 0
+
+    def _path(self, name: str) -> Any:
+        return f"{self.dir}/{name}" if self.url else self.dir / name
+
+    def read(self) -> dict | None:
+        """The recorded state, or ``None`` when there is none (or it is unreadable)."""
+        path = self._path("state.json")
+        try:
+            raw = self.fs.cat_file(path) if self.url else path.read_bytes()
+            return json.loads(raw)
+        except (OSError, ValueError):
+            return None
+
+    def adopt(self, state: dict, *, counts: bool = True) -> np.ndarray:
+        """Continue from ``state``; returns the value count of each row done (``counts``:
+        the layout recorded them)."""
+        import io
+
+        self.rows, self.nnz, self.n_files = int(state["rows"]), int(state["nnz"]), int(state["files"])
+        parts = []
+        for k in range(self.n_files):
+            path = self._path(f"rows-{k:06d}.npy")
+            raw = self.fs.cat_file(path) if self.url else path.read_bytes()
+            parts.append(np.load(io.BytesIO(raw)))
+        found = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if counts and (len(found) != self.rows or int(found.sum()) != self.nnz):
+            msg = f"{self.dir}: the recorded progress is inconsistent; rerun without --resume to start over"
+            raise BigcatInputError(msg)
+        return found
+
+    def save(self, rows: int, nnz: int, row_counts: np.ndarray | None) -> None:
+        """Record that the first ``rows`` rows (``nnz`` values) are safely in the store.
+
+        ``row_counts``: the value count of each row since the previous checkpoint (sparse
+        layout; ``None`` when the layout needs none). Written before the state that
+        refers to it, and the state replaced in one step, so a kill at any moment leaves a
+        consistent record.
+        """
+        import io
+
+        if rows <= self.rows:
+            return
+        files = self.n_files
+        if row_counts is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(row_counts, dtype=np.int64))
+            self._write(f"rows-{files:06d}.npy", buffer.getvalue())
+            files += 1
+        state = {"settings": self.settings, "rows": int(rows), "nnz": int(nnz), "files": files}
+        self._write("state.json", json.dumps(state).encode(), atomic=True)
+        self.rows, self.nnz, self.n_files = rows, nnz, files
+
+    def _write(self, name: str, data: bytes, *, atomic: bool = False) -> None:
+        if self.url:
+            self.fs.pipe_file(self._path(name), data)  # one PUT: all or nothing
+            return
+        self.dir.mkdir(exist_ok=True)
+        path = self._path(name)
+        tmp = path.with_name(path.name + ".tmp") if atomic else path
+        tmp.write_bytes(data)
+        if atomic:
+            tmp.replace(path)
+
+    def remove(self) -> None:
+        """Forget the progress (before the store is completed)."""
+        if self.url:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.dir, recursive=True)
+        elif self.dir.exists():
+            shutil.rmtree(self.dir)
+
+
+def _describe_state(state: dict) -> str:
+    shape = state.get("settings", {}).get("shape") or ["?", "?"]
+    return f"{state.get('rows', 0):,} of {shape[0]:,} rows" if isinstance(shape[0], int) else "some rows"
+
+
+def _settings_differ(recorded: dict, wanted: dict) -> list[str]:
+    return [key for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key)]
+
+
+@contextlib.contextmanager
+def partial_store(
+    final: str | os.PathLike,
+    *,
+    settings: dict,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: dict | None = None,
+) -> Iterator[tuple[Any, Checkpoints, dict | None]]:
+    """Where a resumable conversion writes: ``(partial store, checkpoints, state to resume)``.
+
+    See the module docstring. On success the partial store is renamed to ``final``
+    (locally; a URL is written in place). On failure it is kept when it holds recorded
+    progress and the failure is not bad input (so ``resume=True`` can continue), and
+    removed otherwise.
+
+    Raises
+    ------
+    BigcatOutputExistsError
+        ``final`` exists (or an interrupted conversion of it does) and neither
+        ``overwrite`` nor ``resume`` says what to do.
+    BigcatInputError
+        ``resume`` and the interrupted conversion was of another input or used other
+        settings; or the output folder is missing or not writable.
+    """
+    from bigcat import fs
+
+    url = fs.is_url(final)
+    if url:
+        partial: Any = str(final)
+        there = fs.exists(partial, storage_options)
+        marker = read_marker(partial, storage_options) if there else None
+        if there and (marker is None or marker.get("complete")):
+            if not overwrite:
+                msg = f"{partial}: output exists; pass --overwrite (overwrite=True) to replace it"
+                raise BigcatOutputExistsError(msg)
+            if marker is None:
+                msg = f"{partial}: output exists and is not a store bigcat wrote; bigcat will not delete it"
+                raise BigcatOutputExistsError(msg)
+            fs.remove(partial, storage_options)
+            there = False
+    else:
+        final = fs.local(final)
+        if not final.parent.is_dir():
+            msg = f"{final}: output folder {final.parent} does not exist"
+            raise BigcatInputError(msg)
+        _check_replaceable(final, overwrite=overwrite)
+        _check_writable(final)
+        partial = final.parent / f".{final.name}.bigcat-partial"
+        there = partial.exists()
+    checkpoints = Checkpoints(partial, settings, storage_options)
+    state = checkpoints.read() if there else None
+    if there:
+        if state is not None and resume:
+            changed = _settings_differ(state.get("settings", {}), checkpoints.settings)
+            if changed:
+                msg = (
+                    f"{final}: refusing to resume: the interrupted conversion used a different "
+                    f"{' and '.join(changed)} (the input changed?); rerun without --resume to start over"
+                )
+                raise BigcatInputError(msg)
+            log.warning("%s: resuming after %s", final, _describe_state(state))
+            if not url:  # writes the kill cut short: zarr's temporary files (KEY.<uuid>.partial)
+                for leftover in partial.rglob("*.partial"):
+                    if re.fullmatch(r".*\.[0-9a-f]{32}\.partial", leftover.name):
+                        leftover.unlink()
+        elif state is not None and not overwrite:
+            msg = (
+                f"{final}: an interrupted conversion is there ({_describe_state(state)} done); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+            raise BigcatOutputExistsError(msg)
+        else:
+            log.info("%s: removing an unfinished store without recorded progress", partial)
+            if url:
+                fs.remove(partial, storage_options)
+            else:
+                _remove(partial)
+            state = None
+    elif resume:
+        log.warning("%s: nothing to resume, starting from the first row", final)
+    try:
+        yield partial, checkpoints, state
+    except BaseException as error:
+        recorded = checkpoints.read()
+        if recorded is not None and not isinstance(error, BigcatInputError):
+            log.warning(
+                "%s: stopped after %s; rerun with --resume to continue from there", final, _describe_state(recorded)
+            )
+        elif url:
+            with contextlib.suppress(Exception):
+                fs.remove(partial, storage_options)
+        else:
+            _remove(partial)
+        raise
+    if url:
+        return
+    _check_replaceable(final, overwrite=overwrite)  # it may have appeared meanwhile
+    if final.exists() or final.is_symlink():
+        trash = final.parent / f".{final.name}.bigcat-old-{secrets.token_hex(4)}"
+        final.rename(trash)
+        partial.rename(final)
+        _remove(trash)
+    else:
+        partial.rename(final)
 
 
 def coord_names(obs_columns: list[str], var_columns: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -259,6 +504,8 @@ class MatrixWriter(ABC):
         self.dtype = np.dtype(dtype)
         self.rows_written = 0
         self.nnz_written = 0
+        #: progress records of a resumable conversion (set by :func:`open_writer`)
+        self.checkpoints: Checkpoints | None = None
 
     def write_rows(self, block: sp.csr_matrix | sp.csr_array) -> None:
         """Append the next rows (a CSR block with all genes)."""
@@ -271,6 +518,16 @@ class MatrixWriter(ABC):
         self._write(block)
         self.rows_written += block.shape[0]
         self.nnz_written += block.nnz
+        if self.checkpoints is not None:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:  # noqa: B027 - writers that can resume record their progress here
+        """Record the rows that are safely written (resumable writers only)."""
+
+    def resume(self, state: dict, checkpoints: Checkpoints) -> None:
+        """Continue an interrupted write from ``state`` (see :class:`Checkpoints`)."""
+        msg = f"{type(self).__name__} cannot resume"
+        raise NotImplementedError(msg)
 
     @abstractmethod
     def _write(self, block: sp.csr_matrix) -> None: ...
@@ -304,6 +561,8 @@ class _GrowingArray:
         self.current = 0
         self.fill = 0
         self.n_written = 0
+        #: elements safely in the array (every write up to here has completed)
+        self.durable = 0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="bigcat-write")
 
     def _buffer(self) -> np.ndarray:
@@ -334,11 +593,25 @@ class _GrowingArray:
         def write() -> None:
             self.array.resize((start + n,))
             self.array[start : start + n] = self.buffers[i][:n]
+            self.durable = start + n  # writes run one at a time, in order
 
         self.pending[i] = self.pool.submit(write)
         self.n_written += n
         self.fill = 0
         self.current = 1 - i
+
+    def restart(self, n_values: int) -> None:
+        """Continue after the first ``n_values`` elements of an interrupted write.
+
+        The array is cut back to the last whole shard; the elements of the shard in
+        progress are read back from it into the buffer, so that shard is rewritten whole,
+        exactly as an uninterrupted write would have.
+        """
+        shard_start = n_values // self.shard * self.shard
+        head = np.asarray(self.array[shard_start:n_values])
+        self.array.resize((shard_start,))
+        self.n_written = self.durable = shard_start
+        self.append(head)
 
     def close(self) -> None:
         """Write the tail and wait for every write (re-raising its error, if any)."""
@@ -405,6 +678,8 @@ class SparseZarrWriter(MatrixWriter):
         dtype: np.dtype,
         marker: dict,
         storage_options: dict | None = None,
+        shard: int = SPARSE_SHARD,
+        resume: bool = False,
     ) -> None:
         import zarr
 
@@ -413,10 +688,19 @@ class SparseZarrWriter(MatrixWriter):
         super().__init__(len(obs), len(var), dtype)
         self.path = path
         self.store = zarr_store(path, storage_options, read_only=False)
+        self.shard = shard
+        index_dtype = np.int32 if self.n_genes < 2**31 else np.int64
+        self.index_dtype = index_dtype
+        self.row_nnz = np.zeros(self.n_cells, dtype=np.int64)
+        if resume:  # the arrays are there: :meth:`resume` takes over
+            self.root = zarr.open_group(self.store, mode="r+", zarr_format=3)
+            self.x = self.root["X"]
+            self.data = _GrowingArray(self.x["data"], shard, self.dtype)
+            self.indices = _GrowingArray(self.x["indices"], shard, index_dtype)
+            return
         self.root = zarr.open_group(self.store, mode="w-", zarr_format=3)
         self.root.attrs[MARKER_KEY] = {**marker, "complete": False}
         _write_anndata_elements(self.root, obs, var, uns)
-        index_dtype = np.int32 if self.n_genes < 2**31 else np.int64
         x = self.root.create_group(
             "X",
             attributes={
@@ -428,18 +712,35 @@ class SparseZarrWriter(MatrixWriter):
         self.x = x
         kwargs = {
             "shape": (0,),
-            "chunks": (SPARSE_CHUNK,),
-            "shards": (SPARSE_SHARD,),
+            "chunks": (min(SPARSE_CHUNK, shard),),
+            "shards": (shard,),
             "compressors": sparse_compressors(),
             "fill_value": 0,
             # zarr's check for all-fill chunks compares every value through a void view (a
             # string comparison loop): it halved write speed, and CSR chunks are never empty
             "config": {"write_empty_chunks": True},
         }
-        self.data = _GrowingArray(x.create_array("data", dtype=self.dtype, **kwargs), SPARSE_SHARD, self.dtype)
-        self.indices = _GrowingArray(x.create_array("indices", dtype=index_dtype, **kwargs), SPARSE_SHARD, index_dtype)
-        self.index_dtype = index_dtype
-        self.row_nnz = np.zeros(self.n_cells, dtype=np.int64)
+        self.data = _GrowingArray(x.create_array("data", dtype=self.dtype, **kwargs), shard, self.dtype)
+        self.indices = _GrowingArray(x.create_array("indices", dtype=index_dtype, **kwargs), shard, index_dtype)
+
+    def resume(self, state: dict, checkpoints: Checkpoints) -> None:
+        counts = checkpoints.adopt(state)
+        self.rows_written, self.nnz_written = checkpoints.rows, checkpoints.nnz
+        self.row_nnz[: len(counts)] = counts
+        for array in (self.data, self.indices):
+            array.restart(self.nnz_written)
+
+    def _checkpoint(self) -> None:
+        """After each whole shard of both arrays: the rows whose values all lie before it."""
+        done = min(self.data.durable, self.indices.durable)
+        checkpoints = self.checkpoints
+        if done <= checkpoints.nnz:
+            return
+        first = checkpoints.rows
+        ends = checkpoints.nnz + np.cumsum(self.row_nnz[first : self.rows_written])
+        rows = first + int(np.searchsorted(ends, done, side="right"))
+        if rows > first:
+            checkpoints.save(rows, int(ends[rows - first - 1]), self.row_nnz[first:rows])
 
     def _write(self, block: sp.csr_matrix) -> None:
         start = self.rows_written
@@ -463,7 +764,7 @@ class SparseZarrWriter(MatrixWriter):
         for array in (self.data, self.indices):
             array.array.resize((nnz,))
             array.n_written = nnz
-        ranges = [(lo, min(lo + SPARSE_SHARD, nnz)) for lo in range(0, nnz, SPARSE_SHARD)]
+        ranges = [(lo, min(lo + self.shard, nnz)) for lo in range(0, nnz, self.shard)]
         futures = [
             client.submit(
                 _copy_csr_range,
@@ -499,16 +800,18 @@ class SparseZarrWriter(MatrixWriter):
         indptr = np.zeros(self.n_cells + 1, dtype=np.int64)
         np.cumsum(self.row_nnz, out=indptr[1:])
         n = len(indptr)
-        chunk = min(SPARSE_CHUNK, max(n, 1))
+        chunk = min(SPARSE_CHUNK, self.shard, max(n, 1))
         self.x.create_array(
             "indptr",
             shape=(n,),
             dtype=np.int64,
             chunks=(chunk,),
-            shards=(max(chunk, min(SPARSE_SHARD, n)) // chunk * chunk,),
+            shards=(max(chunk, min(self.shard, n)) // chunk * chunk,),
             compressors=sparse_compressors(),
             fill_value=0,
         )[:] = indptr
+        if self.checkpoints is not None:
+            self.checkpoints.remove()
         self.root.attrs[MARKER_KEY] = marker
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
@@ -549,6 +852,7 @@ class DenseZarrWriter(MatrixWriter):
         chunk_cells: int = DENSE_CHUNK_CELLS,
         chunk_genes: int = DENSE_CHUNK_GENES,
         storage_options: dict | None = None,
+        resume: bool = False,
     ) -> None:
         import dask.array as da
         import xarray as xr
@@ -559,6 +863,16 @@ class DenseZarrWriter(MatrixWriter):
         super().__init__(len(obs), len(var), dtype)
         self.path = path
         self.store = zarr_store(path, storage_options, read_only=False)
+        self.pending: list[sp.csr_matrix] = []
+        self.n_pending = 0
+        self.next_row = 0
+        self.nnz_flushed = 0
+        self.chunk_cells = max(1, min(chunk_cells, self.n_cells or 1))
+        self.chunk_genes = max(1, min(chunk_genes, self.n_genes))
+        if resume:  # the store is there: :meth:`resume` takes over
+            self.root = zarr.open_group(self.store, mode="r+")
+            self.array = self.root["X"]
+            return
         obs_names, var_names = coord_names(list(obs.columns), list(var.columns))
         coords = {
             "cell": ("cell", np.asarray(obs.index.astype(str), dtype=object)),
@@ -566,8 +880,6 @@ class DenseZarrWriter(MatrixWriter):
             **_xarray_coords(obs, obs_names, "cell"),
             **_xarray_coords(var, var_names, "gene"),
         }
-        self.chunk_cells = max(1, min(chunk_cells, self.n_cells or 1))
-        self.chunk_genes = max(1, min(chunk_genes, self.n_genes))
         chunks = (self.chunk_cells, self.chunk_genes)
         template = da.zeros((self.n_cells, self.n_genes), dtype=self.dtype, chunks=chunks)
         ds = xr.Dataset(
@@ -591,9 +903,15 @@ class DenseZarrWriter(MatrixWriter):
             ds.to_zarr(self.store, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
         self.root = zarr.open_group(self.store, mode="r+")
         self.array = self.root["X"]
-        self.pending: list[sp.csr_matrix] = []
-        self.n_pending = 0
-        self.next_row = 0
+
+    def resume(self, state: dict, checkpoints: Checkpoints) -> None:
+        checkpoints.adopt(state, counts=False)
+        self.rows_written = self.next_row = checkpoints.rows
+        self.nnz_written = self.nnz_flushed = checkpoints.nnz
+
+    def _checkpoint(self) -> None:
+        """After each whole chunk row: the rows flushed so far."""
+        self.checkpoints.save(self.next_row, self.nnz_flushed, None)
 
     def _write(self, block: sp.csr_matrix) -> None:
         self.pending.append(block)
@@ -608,6 +926,7 @@ class DenseZarrWriter(MatrixWriter):
             stop = min(start + self.chunk_genes, self.n_genes)
             self.array[self.next_row : self.next_row + n_rows, start:stop] = head[:, start:stop].toarray()
         self.next_row += n_rows
+        self.nnz_flushed += head.nnz
         self.pending = [tail] if tail.shape[0] else []
         self.n_pending = tail.shape[0]
 
@@ -616,6 +935,8 @@ class DenseZarrWriter(MatrixWriter):
 
         if self.n_pending:
             self._flush(self.n_pending)
+        if self.checkpoints is not None:
+            self.checkpoints.remove()
         self.root.attrs[MARKER_KEY] = marker
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
@@ -679,6 +1000,8 @@ def open_writer(
     source: dict | None = None,
     chunk_cells: int = DENSE_CHUNK_CELLS,
     storage_options: dict | None = None,
+    resume: bool | None = None,
+    shard: int = SPARSE_SHARD,
 ) -> Iterator[MatrixWriter]:
     """Open an output for a matrix written as row blocks; publish it atomically on success.
 
@@ -702,18 +1025,25 @@ def open_writer(
         Rows per chunk of the dense layout.
     storage_options
         fsspec options when ``path`` is a URL (see :mod:`bigcat.fs`).
+    resume
+        ``None``: a plain output. ``False``/``True``: a resumable ``.zarr`` output (see the
+        module docstring); ``True`` continues an interrupted conversion of the same input
+        with the same settings. The writer's ``rows_written`` then says where to go on.
+    shard
+        Values per shard (file) of the sparse layout's ``data`` and ``indices``.
 
     Yields
     ------
     MatrixWriter
-        Call ``write_rows`` with consecutive CSR blocks covering all cells.
+        Call ``write_rows`` with consecutive CSR blocks covering all cells (from row
+        ``rows_written`` on).
     """
     kind = output_kind(path)
     if layout not in LAYOUTS:
         msg = f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}"
         raise BigcatInputError(msg)
-    obs = _clean_frame(obs)
-    var = _clean_frame(var)
+    obs = _clean_frame(obs, "cell", path)
+    var = _clean_frame(var, "gene", path)
     marker = {
         "format_version": FORMAT_VERSION,
         "layout": layout if kind == "zarr" else "h5ad",
@@ -724,18 +1054,42 @@ def open_writer(
     from bigcat import fs
 
     final = str(path) if fs.is_url(path) else fs.local(path)
-    with publish(
-        path, overwrite=overwrite, storage_options=storage_options, kind=kind if kind == "zarr" else "file"
-    ) as tmp:
+    if resume and kind != "zarr":
+        msg = f"{path}: --resume works for .zarr outputs only"
+        raise BigcatInputError(msg)
+    if resume is None or kind != "zarr":
+        where = publish(
+            path, overwrite=overwrite, storage_options=storage_options, kind=kind if kind == "zarr" else "file"
+        )
+    else:
+        settings = {
+            "source": source or {},
+            "layout": layout,
+            "dtype": np.dtype(dtype).str,
+            "shape": [len(obs), len(var)],
+            "format_version": FORMAT_VERSION,
+            **({"shard": shard} if layout == "sparse" else {"chunk_cells": chunk_cells}),
+        }
+        where = partial_store(
+            path, settings=settings, overwrite=overwrite, resume=bool(resume), storage_options=storage_options
+        )
+    with where as target:
+        tmp, checkpoints, state = target if isinstance(target, tuple) else (target, None, None)
         writer: MatrixWriter
         if kind == "h5ad":
             writer = H5adWriter(tmp, obs, var, uns or {}, np.dtype(dtype))
         elif layout == "sparse":
-            writer = SparseZarrWriter(tmp, obs, var, uns or {}, np.dtype(dtype), marker, storage_options)
+            writer = SparseZarrWriter(
+                tmp, obs, var, uns or {}, np.dtype(dtype), marker, storage_options, shard=shard, resume=bool(state)
+            )
         else:
             writer = DenseZarrWriter(
-                tmp, obs, var, np.dtype(dtype), marker, chunk_cells=chunk_cells, storage_options=storage_options
-            )
+                tmp, obs, var, np.dtype(dtype), marker, chunk_cells=chunk_cells, storage_options=storage_options,
+                resume=bool(state),
+            )  # fmt: skip
+        if state:
+            writer.resume(state, checkpoints)
+        writer.checkpoints = checkpoints
         writer.path = final
         try:
             yield writer
@@ -750,9 +1104,24 @@ def open_writer(
             raise
 
 
-def _clean_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy with string index and column names, as anndata requires."""
+def _clean_frame(frame: pd.DataFrame, what: str = "cell", path: Any = "") -> pd.DataFrame:
+    """A copy with string index and column names, as anndata requires; duplicate names
+    made unique (``name``, ``name-1``, ``name-2`` … as ``AnnData.obs_names_make_unique``),
+    with a warning, since cell names key external label tables and gene names select genes."""
+    from anndata.utils import make_index_unique
+
     frame = frame.copy()
     frame.index = frame.index.astype(str)
     frame.columns = [str(c) for c in frame.columns]
+    if frame.index.has_duplicates:
+        n = int(frame.index.duplicated().sum())
+        example = frame.index[frame.index.duplicated()][0]
+        frame.index = make_index_unique(frame.index, join="-")
+        log.warning(
+            "%s: %d duplicate %s names (e.g. %r) made unique by appending -1, -2, … in the output",
+            path,
+            n,
+            what,
+            example,
+        )
     return frame
