@@ -11,6 +11,9 @@ from bigcat.cluster import connect
 from bigcat.convert import convert
 from bigcat.dataset import open_dataset, to_anndata
 from bigcat.errors import BigcatError, BigcatFormatError, BigcatInputError
+from bigcat.mapping import knn, map_cells
+from bigcat.marker_genes import markers
+from bigcat.plot import dotplot, heatmap
 from bigcat.sample import sample
 from bigcat.stats import cluster_stats, merge_stats, read_stats, write_stats
 from bigcat.synth import synth
@@ -28,6 +31,11 @@ __all__ = [
     "cluster_stats",
     "connect",
     "convert",
+    "dotplot",
+    "heatmap",
+    "knn",
+    "map_cells",
+    "markers",
     "merge_stats",
     "open_dataset",
     "read_stats",

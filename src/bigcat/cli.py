@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 app = typer.Typer(
     name="bigcat",
-    help="Out-of-core tools for cell-by-gene matrices: synth, convert, sample, open.",
+    help="Out-of-core tools for cell-by-gene matrices: synth, convert, sample, stats, markers, plot, open.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -75,6 +75,8 @@ def _main(
     log.setLevel(level)
     # an optional-package hint distributed logs when it starts a dashboard: noise for our users
     logging.getLogger("distributed.http.proxy").setLevel(logging.ERROR)
+    if not debug:  # a failed task's traceback, logged by an in-process worker: the error line says it
+        logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -114,17 +116,26 @@ def convert(
     output: Annotated[str, typer.Argument(help="OUT.zarr (a path or a URL)")],
     layout: Annotated[str, typer.Option("--layout", help="sparse (AnnData encoding) or dense (xarray).")] = "sparse",
     chunk_cells: Annotated[Optional[int], typer.Option("--chunk-cells", help="Rows per dense chunk (8000).")] = None,  # noqa: UP045
+    shard_values: Annotated[
+        int, typer.Option("--shard-values", help="Sparse layout: values per file of X/data and X/indices.")
+    ] = 32 << 20,
+    block_values: Annotated[
+        int, typer.Option("--block-values", help="Stored values read per block (memory ~ 30 bytes each).")
+    ] = 8_000_000,
     cluster: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option("--cluster", help="Copy a CSR input in parallel on this Dask cluster (default: stream here)."),
     ] = None,
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted conversion from its last recorded row.")
+    ] = False,
     quiet: Quiet = False,
     storage_option: StorageOptions = None,
     progress: ForceProgress = False,
 ) -> None:
-    """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory."""
+    """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory (resumable)."""
     import contextlib
 
     from bigcat.cluster import connect
@@ -141,6 +152,9 @@ def convert(
             progress=_progress(quiet, progress),
             client=client,
             storage_options=parse_storage_options(storage_option),
+            resume=resume,
+            shard_values=shard_values,
+            block_nnz=block_values,
         )
     typer.echo(f"wrote {path}")
 
@@ -211,7 +225,17 @@ def stats(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed for --max-cells-per-cluster.")] = 0,
     engine: Annotated[str, typer.Option("--engine", help="blocks (default) or groupby (xarray+flox).")] = "blocks",
+    block_values: Annotated[
+        int, typer.Option("--block-values", help="Stored values per block read by one task (memory per task).")
+    ] = 8_000_000,
     out: Annotated[Optional[str], typer.Option("--out", help="stats.zarr|.parquet|.h5ad|.csv")] = None,  # noqa: UP045
+    out_format: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--format",
+            help="mapmycells: write --out X.h5 as MapMyCells' precomputed_stats.h5 (sum, sumsq, gt0, ge1, n_cells).",
+        ),
+    ] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
     cluster: ClusterSpec = None,
@@ -229,6 +253,14 @@ def stats(
     if not inputs:
         msg = "stats needs at least one input"
         raise BigcatInputError(msg)
+    if out_format not in (None, "mapmycells"):
+        msg = f"unknown --format {out_format!r}; the only one is mapmycells (default: from the --out suffix)"
+        raise BigcatInputError(msg)
+    if out_format and (out is None or merge):
+        msg = "--format mapmycells needs --out precomputed_stats.h5 (and no --merge)"
+        raise BigcatInputError(msg)
+    if out_format:
+        statistics, threshold, present_op = "sums,sqr_sums,present", 0.0, "gt"  # what the layout holds
     options = parse_storage_options(storage_option)
     if merge:
         if out is None:
@@ -251,15 +283,202 @@ def stats(
                 max_cells_per_cluster=max_cells_per_cluster,
                 seed=seed,
                 engine=engine,
+                block_nnz=block_values,
                 client=client,
                 progress=_progress(quiet, progress),
                 storage_options=options,
             )
+    if out_format:
+        from bigcat.mapping import write_mapmycells
+
+        with connect(cluster, idle_timeout=idle_timeout) as client:  # a second pass: x >= 1 (ge1)
+            ge1 = cluster_stats(
+                list(inputs), by=by, stats="present", labels=labels, label_column=label_column,
+                cell_column=cell_column, normalize=normalize, threshold=1.0, present_op="ge",
+                max_cells_per_cluster=max_cells_per_cluster, seed=seed, engine=engine, block_nnz=block_values,
+                client=client, progress=_progress(quiet, progress), storage_options=options,
+            )  # fmt: skip
+        typer.echo(f"wrote {write_mapmycells(result, out, ge1=ge1, overwrite=overwrite, storage_options=options)}")
+        return
     if out is None:
         typer.echo(result)
         return
     for path in write_stats(result, out, wide=wide, overwrite=overwrite, storage_options=options):
         typer.echo(f"wrote {path}")
+
+
+def _names(text: str | None) -> list[str] | None:
+    """``"a,b, c"`` → ``["a", "b", "c"]``; ``@file`` reads one name per line."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        from bigcat.errors import InputNotFoundError
+
+        path = Path(text[1:])
+        if not path.exists():
+            msg = f"{path}: no such file (a list of names, one per line)"
+            raise InputNotFoundError(msg)
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+Clusters = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--clusters", help="Comma-separated cluster names, or @FILE with one per line (default: all)."),
+]
+Scale = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--scale", help="Means are 'log' or 'linear' (log2(mean+1) taken); default: from the statistics."),
+]
+
+
+@app.command("markers")
+def markers_(
+    stats_path: Annotated[str, typer.Argument(metavar="STATS", help="Statistics: .zarr, .h5ad, .parquet or .csv.")],
+    top: Annotated[int, typer.Option("--top", help="Markers per cluster.")] = 10,
+    clusters: Clusters = None,
+    min_present: Annotated[float, typer.Option("--min-present", help="Present in at least this fraction.")] = 0.0,
+    scale: Scale = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="markers.csv or markers.parquet")] = None,  # noqa: UP045
+    overwrite: Overwrite = False,
+    storage_option: StorageOptions = None,
+) -> None:
+    """Top marker genes per cluster, ranked by specificity (present in vs out, log fold change)."""
+    from bigcat.marker_genes import markers, write_table
+
+    options = parse_storage_options(storage_option)
+    table = markers(
+        stats_path, top=top, clusters=_names(clusters), min_present=min_present, scale=scale, storage_options=options
+    )
+    if out is not None:
+        typer.echo(f"wrote {write_table(table, out, overwrite=overwrite, storage_options=options)}")
+        return
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.3f}".format):
+        typer.echo(table.to_string(index=False))
+
+
+plot_app = typer.Typer(help="Dot plots and heatmaps of cluster statistics.", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+Genes = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--genes", help="Comma-separated gene names, or @FILE with one per line."),
+]
+MarkerCount = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--markers", help="Show the top N marker genes of each cluster shown."),
+]
+Order = Annotated[str, typer.Option("--order", help="Cluster order: hierarchical or given.")]
+FigureOut = Annotated[str, typer.Option("--out", help="Figure file: .png, .svg or .pdf.")]
+
+
+def _plot(kind: str, stats_path: str, out: str, overwrite: bool, storage_option: list[str] | None, **how: Any) -> None:
+    """Draw every page of a ``kind`` plot and save it; with several pages, page N goes to OUT-pNNN.png."""
+    from bigcat import fs, plot
+
+    options = parse_storage_options(storage_option)
+    plot.check_format(out)
+    suffix = fs.suffix_of(out)
+    stem = out[: -len(suffix)]
+    pages = plot.dotplot_pages if kind == "dotplot" else plot.heatmap_pages
+    for fig in pages(stats_path, storage_options=options, **how):
+        layout = fig.bigcat_layout
+        target = out if layout.n_pages == 1 else f"{stem}-p{layout.page + 1:03d}{suffix}"
+        typer.echo(f"wrote {plot.save(fig, target, overwrite=overwrite, storage_options=options)}")
+
+
+@plot_app.command("dotplot")
+def plot_dotplot(
+    stats_path: Annotated[str, typer.Argument(metavar="STATS", help="Statistics: .zarr, .h5ad, .parquet or .csv.")],
+    genes: Genes = None,
+    markers: MarkerCount = None,
+    clusters: Clusters = None,
+    order: Order = "hierarchical",
+    per_page: Annotated[int, typer.Option("--per-page", help="Clusters per page (one file per page).")] = 60,
+    standard_scale: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--standard-scale", help="'gene': colour scaled 0–1 per gene."),
+    ] = None,
+    scale: Scale = None,
+    out: FigureOut = "dotplot.png",
+    overwrite: Overwrite = False,
+    storage_option: StorageOptions = None,
+) -> None:
+    """Dot plot: dot area = fraction of cells present, colour = cluster mean."""
+    _plot(
+        "dotplot", stats_path, out, overwrite, storage_option, genes=_names(genes), markers=markers,
+        clusters=_names(clusters), order=order, per_page=per_page, scale=scale, standard_scale=standard_scale,
+    )  # fmt: skip
+
+
+@plot_app.command("heatmap")
+def plot_heatmap(
+    stats_path: Annotated[str, typer.Argument(metavar="STATS", help="Statistics: .zarr, .h5ad, .parquet or .csv.")],
+    genes: Genes = None,
+    markers: MarkerCount = None,
+    clusters: Clusters = None,
+    order: Order = "hierarchical",
+    per_page: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--per-page", help="Clusters per page (default: all on one page)."),
+    ] = None,
+    standard_scale: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--standard-scale", help="'zscore' or 'gene' (0–1) per gene; default: the means."),
+    ] = None,
+    scale: Scale = None,
+    out: FigureOut = "heatmap.png",
+    overwrite: Overwrite = False,
+    storage_option: StorageOptions = None,
+) -> None:
+    """Heatmap of cluster means (clusters × genes), optionally scaled per gene."""
+    _plot(
+        "heatmap", stats_path, out, overwrite, storage_option, genes=_names(genes), markers=markers,
+        clusters=_names(clusters), order=order, per_page=per_page, scale=scale, standard_scale=standard_scale,
+    )  # fmt: skip
+
+
+@app.command("map")
+def map_(
+    query: Annotated[str, typer.Argument(help="QUERY.h5ad or .zarr: the cells to map (raw counts).")],
+    reference: Annotated[str, typer.Option("--reference", help="Reference statistics (bigcat stats --out …).")],
+    markers: Annotated[int, typer.Option("--markers", help="Marker genes per reference cluster.")] = 10,
+    method: Annotated[str, typer.Option("--method", help="correlation (default) or knn.")] = "correlation",
+    reference_data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--reference-data", help="knn: the reference cells (.h5ad/.zarr)."),
+    ] = None,
+    by: Annotated[str, typer.Option("--by", help="knn: obs column of the reference clusters.")] = "cluster",
+    k: Annotated[int, typer.Option("--k", help="knn: neighbours that vote.")] = 15,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples of half the markers (confidence).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    out: Annotated[Optional[str], typer.Option("--out", help="assignments.parquet or .csv")] = None,  # noqa: UP045
+    cluster: ClusterSpec = None,
+    idle_timeout: IdleTimeout = None,
+    overwrite: Overwrite = False,
+    storage_option: StorageOptions = None,
+) -> None:
+    """Map query cells onto reference clusters (correlation with cluster means over markers, or kNN vote)."""
+    from bigcat.cluster import connect
+    from bigcat.mapping import map_cells
+    from bigcat.marker_genes import write_table
+
+    options = parse_storage_options(storage_option)
+    with connect(cluster, idle_timeout=idle_timeout) as client:
+        _dashboard(client)
+        table = map_cells(
+            query, reference, markers=markers, method=method, reference_data=reference_data, by=by, k=k,
+            bootstrap=bootstrap, seed=seed, client=client, storage_options=options,
+        )  # fmt: skip
+    counts = table["cluster"].astype(str).value_counts()
+    typer.echo(
+        f"mapped {len(table):,} cells to {len(counts)} clusters (median score {table['score'].median():.3f}); "
+        f"largest: {', '.join(f'{c} {n:,}' for c, n in counts.head(3).items())}"
+    )
+    if out is not None:
+        typer.echo(f"wrote {write_table(table.reset_index(), out, overwrite=overwrite, storage_options=options)}")
 
 
 @app.command("open")
@@ -288,10 +507,36 @@ def demo(
     cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 20_000,
     quiet: Quiet = False,
 ) -> None:
-    """Run the pipeline on a synthetic atlas: synth → convert → open, printing what it opened."""
+    """Run the pipeline on a synthetic atlas: synth → convert → open → stats → markers → dot plot."""
     from bigcat.demo import run_demo
 
     run_demo(folder, n_cells=cells, progress=_progress(quiet))
+
+
+FEWER_CLUSTERS = "fewer clusters per run (label subsets, then bigcat stats --merge)"
+#: what each task-name prefix computes, for messages about a worker that died running it
+STEPS = {
+    "bigcat-fold": ("cluster statistics (folding a block into an accumulator)", "a smaller --block-values"),
+    "bigcat-init": ("cluster statistics (allocating the accumulators)", FEWER_CLUSTERS),
+    "bigcat-add": ("cluster statistics (adding partial results)", FEWER_CLUSTERS),
+    "bigcat-final": ("cluster statistics (finishing the result)", FEWER_CLUSTERS),
+    "bigcat-read": ("cluster statistics (reading a block)", "a smaller --block-values"),
+    "bigcat-copy": ("convert (copying a shard of values)", "a smaller --shard-values"),
+    "_read_subset": ("sample (reading and subsetting a block of rows)", "a smaller fraction of genes per run"),
+}
+
+
+def killed_worker_message(error: BaseException) -> str:
+    """One line for a Dask ``KilledWorker``: which step died, and what to change."""
+    task = error.args[0] if error.args else "?"
+    name = task[0] if isinstance(task, tuple) else str(task)
+    step, smaller = next(
+        ((s, m) for prefix, (s, m) in STEPS.items() if name.startswith(prefix)), (f"task {name}", "smaller blocks")
+    )
+    return (
+        f"a Dask worker died while computing {step}, probably out of memory (task {name}); give each worker "
+        f"more memory (dask worker --memory-limit, or memory in cluster.yaml) or use {smaller}"
+    )
 
 
 STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs")
@@ -314,7 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _state["debug"] = "--debug" in argv
     try:
-        app(args=argv, prog_name="bigcat", standalone_mode=False)
+        code = app(args=argv, prog_name="bigcat", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into Exit(130), returned in non-standalone mode
+            typer.echo("bigcat: interrupted", err=True)
+            return 130
+        if isinstance(code, int):
+            return code
     except typer.Exit as done:
         return done.exit_code
     except ClickException as error:
@@ -349,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except Exception as error:
+        if type(error).__name__ == "KilledWorker" and not _state["debug"]:
+            typer.echo(f"bigcat: error: {killed_worker_message(error)}", err=True)
+            return 1
         # object-storage clients raise their own exception types (botocore's are not OSErrors)
         if _state["debug"] or not type(error).__module__.startswith(STORAGE_MODULES):
             raise

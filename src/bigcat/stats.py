@@ -393,6 +393,10 @@ def cluster_stats(
             msg = f"{part.name}: its genes differ from those of {parts[0].name}; statistics need the same genes"
             raise BigcatInputError(msg)
     n_total = sum(p.n_cells for p in parts)
+    if n_total == 0 or len(gene_names) == 0:
+        what = "cells" if n_total == 0 else "genes"
+        msg = f"{', '.join(p.name for p in parts)}: X has no {what} ({n_total} × {len(gene_names)}): nothing to compute"
+        raise BigcatInputError(msg)
     attrs: dict[str, Any] = {}
 
     # -- labels → global codes --------------------------------------------------------------
@@ -431,6 +435,13 @@ def cluster_stats(
     codes = remap[codes]  # -1 indexes the last entry, which is -1
     clusters = clusters[present_clusters]
     n_cells = n_cells[present_clusters].astype(np.int64)
+    if len(clusters) == 0:
+        where = ", ".join(p.name for p in parts)
+        if cells is not None:
+            msg = f"{where}: none of the selected cells has a cluster label in {by_desc!r}"
+        else:
+            msg = f"{where}: no cell has a cluster label in {by_desc!r} (all {n_total} are missing)"
+        raise BigcatInputError(msg)
     offset = 0
     for part in parts:
         part.codes = codes[offset : offset + part.n_cells]
@@ -444,10 +455,14 @@ def cluster_stats(
         normalize=normalize == "log2cpm",
     )
     client = _default_client(client)
-    if engine == "blocks":
-        acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress)
-    else:
-        acc = _groupby(parts, len(clusters), gene_index, settings, client)
+    try:
+        if engine == "blocks":
+            acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress)
+        else:
+            acc = _groupby(parts, len(clusters), gene_index, settings, client)
+    except _NegativeValuesError as error:
+        msg = f"{', '.join(p.name for p in parts)}: {error}"
+        raise BigcatInputError(msg) from None
     attrs.update(
         {
             "source": json.dumps([p.name for p in parts]),
@@ -463,6 +478,16 @@ def cluster_stats(
             "bigcat_version": _version(),
         }
     )
+    if "sums" in acc:
+        bad = int(np.count_nonzero(~np.isfinite(acc["sums"])))
+        if bad:
+            attrs["non_finite_entries"] = bad
+            log.warning(
+                "%s: X holds non-finite values (NaN or ±inf): %d cluster × gene sums are not finite "
+                "(IEEE rules: NaN propagates, inf − inf is NaN)",
+                ", ".join(p.name for p in parts),
+                bad,
+            )
     return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs)
 
 
@@ -628,6 +653,8 @@ def _fold_task(
     from bigcat import kernels
 
     kind, data, indices, indptr, col_offset = block
+    if settings.normalize:
+        _check_counts(data)
     kernel = kernels.fold_csr if kind == "csr" else kernels.fold_csc
     if totals is None:
         totals = np.zeros(0, dtype=np.float64)
@@ -650,6 +677,21 @@ def _fold_task(
         acc.get("nnz", _EMPTY_I),
     )
     return acc
+
+
+class _NegativeValuesError(BigcatInputError):
+    """Raised inside a task; :func:`cluster_stats` adds the input's name."""
+
+
+def _check_counts(data: np.ndarray) -> None:
+    """log2 CPM needs counts: refuse negative values (NaN passes; it propagates)."""
+    if data.size and data.dtype.kind in "fi" and np.nanmin(data, initial=0) < 0:
+        n = int(np.count_nonzero(data < 0))
+        msg = (
+            f"X has negative values ({n} in one block, e.g. {data[data < 0][0]:g}): normalize='log2cpm' needs "
+            "raw counts; compute on the values as they are (no normalize) if X is already normalized"
+        )
+        raise _NegativeValuesError(msg)
 
 
 def _read_rows(source: MatrixSource, start: int, stop: int, *_after: Any) -> tuple:
@@ -974,6 +1016,11 @@ def _inproc(client: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # The groupby engine (the reference: xarray + flox)
 # --------------------------------------------------------------------------------------------
+def _checked_counts(chunk: np.ndarray) -> np.ndarray:
+    _check_counts(np.asarray(chunk).reshape(-1))
+    return chunk
+
+
 def _densify(chunk: Any) -> np.ndarray:
     if hasattr(chunk, "todense"):
         return np.asarray(chunk.todense())
@@ -1003,6 +1050,7 @@ def _groupby(
         arrays.append(x.astype(np.float64))
     x = da.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
     if settings.normalize:
+        x = x.map_blocks(_checked_counts, dtype=x.dtype)
         totals = x.sum(axis=1)
         scale = da.where(totals != 0, 1e6 / da.where(totals != 0, totals, 1.0), 0.0)
         x = da.log2(x * scale[:, None] + 1.0)
@@ -1033,16 +1081,43 @@ def _groupby(
 # Merging, reading and writing results
 # --------------------------------------------------------------------------------------------
 def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> Any:
-    """Open a statistics store written by :func:`write_stats` (``.zarr``, local or a URL), lazily."""
+    """Open a statistics result written by :func:`write_stats`.
+
+    Parameters
+    ----------
+    path
+        ``.zarr`` (opened lazily), ``.h5ad`` (a layer per statistic), or the long
+        ``.parquet``/``.csv`` table (one row per cluster × gene); a path or a URL.
+    storage_options
+        fsspec options when ``path`` is a URL.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``(cluster, gene)``, a variable per statistic found, ``n_cells(cluster)``, and
+        the attributes recorded when it was computed (where the format keeps them).
+    """
+    from bigcat import fs
+
+    url = fs.is_url(path)
+    path = str(path) if url else fs.local(path)
+    if not fs.exists(path, storage_options):
+        msg = f"{path}: no such file or directory"
+        raise InputNotFoundError(msg)
+    suffix = fs.suffix_of(path)
+    if suffix == ".h5ad":
+        return _read_stats_h5ad(path, storage_options)
+    if suffix in (".parquet", ".csv"):
+        return _read_stats_table(path, storage_options)
+    return _read_stats_zarr(path, storage_options)
+
+
+def _read_stats_zarr(path: str, storage_options: dict | None) -> Any:
     import xarray as xr
 
     from bigcat import fs
     from bigcat.store import read_marker
 
-    path = str(path) if fs.is_url(path) else fs.local(path)
-    if not fs.exists(path, storage_options):
-        msg = f"{path}: no such file or directory"
-        raise InputNotFoundError(msg)
     marker = read_marker(path, storage_options)
     if marker is None or marker.get("layout") != "stats" or not marker.get("complete"):
         msg = f"{path}: not a complete bigcat statistics store (written by `bigcat stats --out X.zarr`)"
@@ -1053,6 +1128,99 @@ def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> 
         if ds[name].dtype.kind in "TU":
             ds = ds.assign_coords({name: ds[name].values.astype(object)})
     return ds
+
+
+def _read_stats_h5ad(path: str, storage_options: dict | None) -> Any:
+    import anndata as ad
+    import h5py
+    import xarray as xr
+
+    from bigcat import fs
+
+    try:
+        with fs.open_file(path, storage_options) as handle, h5py.File(handle, "r") as f:
+            if "layers" not in f or "obs" not in f:
+                msg = f"{path}: not a statistics .h5ad (no layers; written by `bigcat stats --out X.h5ad`)"
+                raise BigcatFormatError(msg)
+            adata = ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"]), ad.io.read_elem(f["layers"])
+            uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
+    except OSError as error:
+        msg = f"{path}: not a readable HDF5 file ({error})"
+        raise BigcatFormatError(msg) from error
+    obs, var, layers = adata
+    if "n_cells" not in obs:
+        msg = f"{path}: not a statistics .h5ad (obs has no n_cells column)"
+        raise BigcatFormatError(msg)
+    variables: dict[str, Any] = {"n_cells": (("cluster",), obs["n_cells"].to_numpy(np.int64))}
+    for name, values in layers.items():
+        variables[name] = (("cluster", "gene"), np.asarray(values))
+    coords = {"cluster": obs.index.to_numpy(object), "gene": var.index.to_numpy(object)}
+    attrs = dict(uns.get("bigcat_stats", {}))
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+
+def _read_stats_table(path: str, storage_options: dict | None) -> Any:
+    """The long table (cluster, gene, n_cells, one column per statistic) back as a Dataset."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    import xarray as xr
+
+    from bigcat import fs
+
+    try:
+        with fs.open_file(path, storage_options) as handle:
+            if fs.suffix_of(path) == ".parquet":
+                table = pq.read_table(handle, read_dictionary=["cluster", "gene"])
+            else:
+                options = pacsv.ConvertOptions(
+                    column_types={"cluster": pa.string(), "gene": pa.string()},
+                    auto_dict_encode=True,
+                    auto_dict_max_cardinality=1 << 30,
+                )
+                table = pacsv.read_csv(handle, convert_options=options)
+    except (pa.ArrowInvalid, OSError) as error:
+        msg = f"{path}: not a readable statistics table ({' '.join(str(error).split())[:200]})"
+        raise BigcatFormatError(msg) from error
+    missing = [c for c in ("cluster", "gene", "n_cells") if c not in table.column_names]
+    if missing:
+        msg = (
+            f"{path}: not a long statistics table (no column {', '.join(missing)}; "
+            "written by `bigcat stats --out X.parquet` without --wide)"
+        )
+        raise BigcatFormatError(msg)
+
+    def codes(name: str) -> tuple[np.ndarray, np.ndarray]:
+        column = table.column(name)
+        if not pa.types.is_dictionary(column.type):
+            column = column.dictionary_encode()
+        column = column.unify_dictionaries().combine_chunks() if column.num_chunks > 1 else column.combine_chunks()
+        values, order = pd.factorize(np.asarray(column.indices), sort=False)
+        return values, np.asarray(column.dictionary.to_pylist(), dtype=object)[order]
+
+    rows, clusters = codes("cluster")
+    cols, genes = codes("gene")
+    shape = (len(clusters), len(genes))
+    if len(rows) != shape[0] * shape[1]:
+        msg = f"{path}: the table does not have one row per cluster × gene ({len(rows)} rows for {shape})"
+        raise BigcatFormatError(msg)
+    variables: dict[str, Any] = {}
+    n_cells = np.zeros(shape[0], dtype=np.int64)
+    n_cells[rows] = np.asarray(table.column("n_cells"))
+    variables["n_cells"] = (("cluster",), n_cells)
+    for name in table.column_names:
+        if name in ("cluster", "gene", "n_cells"):
+            continue
+        values = np.asarray(table.column(name))
+        # CSV has no types: the derived statistics are float32 (as written), the rest as parsed
+        dtype = np.float32 if name in ("means", "present", "sqr_means", "vars") else values.dtype
+        out = np.empty(shape, dtype=dtype)
+        out[rows, cols] = values
+        variables[name] = (("cluster", "gene"), out)
+    attrs = {}
+    if table.schema.metadata and b"bigcat" in table.schema.metadata:
+        attrs = json.loads(table.schema.metadata[b"bigcat"])
+    return xr.Dataset(variables, coords={"cluster": clusters, "gene": genes}, attrs=attrs)
 
 
 def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> Any:
@@ -1227,6 +1395,7 @@ def write_stats(
                 writer.close()
             written.append(final)
         return written
+    attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}).encode()
     step = max(1, (1 << 22) // max(ds.sizes["gene"], 1))
     with atomic_path(path, overwrite=overwrite) as tmp:
         writer = None
@@ -1234,6 +1403,8 @@ def write_stats(
             frame = _long_table(ds, slice(lo, lo + step))
             frame["cluster"] = frame["cluster"].astype(str)
             table = pa.Table.from_pandas(frame, preserve_index=False)
+            if suffix == ".parquet":  # the attributes travel in the schema (CSV has nowhere to keep them)
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"bigcat": attrs_json})
             if writer is None:
                 writer = open_writer(tmp, table.schema)
             writer.write_table(table)
