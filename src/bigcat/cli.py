@@ -444,7 +444,7 @@ def plot_heatmap(
 def map_(
     query: Annotated[str, typer.Argument(help="QUERY.h5ad or .zarr: the cells to map (raw counts).")],
     reference: Annotated[str, typer.Option("--reference", help="Reference statistics (bigcat stats --out …).")],
-    markers: Annotated[int, typer.Option("--markers", help="Marker genes per reference cluster.")] = 10,
+    markers: Annotated[int, typer.Option("--markers", help="Marker genes per reference cluster.")] = 20,
     method: Annotated[str, typer.Option("--method", help="correlation (default) or knn.")] = "correlation",
     reference_data: Annotated[
         Optional[str],  # noqa: UP045
