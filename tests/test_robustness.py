@@ -51,6 +51,9 @@ def start_and_interrupt(source: Path, output: Path, layout: str, sig: int) -> su
         [*BIGCAT, "convert", str(source), str(output), "--quiet", "--block-values", "2000", *convert_args(layout)],
         stderr=subprocess.PIPE,
         text=True,
+        # a shell without job control starts background jobs with SIGINT ignored, and Python
+        # keeps it ignored: give the child the default disposition so Ctrl-C reaches it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not state.exists():
