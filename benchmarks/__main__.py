@@ -254,17 +254,22 @@ suppressMessages({library(Matrix); library(hdf5r)})
 args <- commandArgs(trailingOnly = TRUE)
 t0 <- Sys.time()
 f <- H5File$new(args[1], mode = "r")
-x <- sparseMatrix(j = f[["X/indices"]][] + 1, p = f[["X/indptr"]][], x = as.numeric(f[["X/data"]][]),
-                  dims = rev(h5attr(f[["X"]], "shape")))  # genes x cells
+shape <- as.integer(h5attr(f[["X"]], "shape"))
+# the CSR arrays as they are (Matrix slots are 0-based too): cells x genes
+x <- new("dgRMatrix", j = f[["X/indices"]][], p = as.integer(f[["X/indptr"]][]), x = as.numeric(f[["X/data"]][]),
+         Dim = shape)
 cl <- factor(f[["obs/cluster/codes"]][])
+f$close_all()
 t1 <- Sys.time()
-ind <- sparse.model.matrix(~ cl - 1)  # cells x clusters
-n <- colSums(ind)
-means <- x %*% ind %*% Diagonal(x = 1 / n)
-present <- (x > 0) %*% ind %*% Diagonal(x = 1 / n)
-sqr <- (x^2) %*% ind %*% Diagonal(x = 1 / n)
+tx <- t(x)  # genes x cells as a dgCMatrix over the same arrays
+rm(x)
+ind <- sparse.model.matrix(~ cl - 1)  # cells x clusters indicator
+scale <- Diagonal(x = 1 / colSums(ind))
+means <- (tx %*% ind) %*% scale  # genes x clusters
+present <- ((tx > 0) %*% ind) %*% scale
+sqr <- ((tx^2) %*% ind) %*% scale
 t2 <- Sys.time()
-cat(as.numeric(t1 - t0, units = "secs"), as.numeric(t2 - t1, units = "secs"), length(n), "\n")
+cat(as.numeric(t1 - t0, units = "secs"), as.numeric(t2 - t1, units = "secs"), nlevels(cl), "\n")
 """
 
 
