@@ -7,6 +7,7 @@ for variances (E[x²] − E[x]² in float64, then rounded to float32). Counts ar
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -200,6 +201,54 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
     monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, C = 1
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+
+
+def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas):
+    """means/present/vars are computed on access: any selection equals the oracle's, and
+    loading builds each statistic in place (no Dask graph, no copy)."""
+    result = cluster_stats(stores["sparse"], stats=ALL)
+    expected = oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy())
+    for name in ("means", "present", "vars", "sqr_means"):
+        assert result[name].chunks is None  # not a Dask array
+        want = expected[name]
+        for key in [np.s_[3], np.s_[:, 5], np.s_[1:7:2, 3], np.s_[::-1, ::3], np.s_[-2:, 10:20]]:
+            np.testing.assert_allclose(result[name].values[key], want[key], rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(result[name][key].values, want[key], rtol=1e-5, atol=1e-6, err_msg=name)
+        picked = result[name].isel(cluster=[4, 0, 2], gene=[9, 1]).values
+        np.testing.assert_allclose(picked, want[[4, 0, 2]][:, [9, 1]], rtol=1e-5, atol=1e-6)
+        assert result[name].dtype == np.float32
+    loaded = result.load()
+    np.testing.assert_allclose(loaded["means"].values, expected["means"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.chunk()["means"].values, expected["means"], rtol=1e-5, atol=1e-6)
+
+
+def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
+    settings = stats_module._Settings(("sums", "sqr_sums", "present_counts"), 0.0, op_ge=False, normalize=False)
+    base = stats_module.BLOCK_NNZ
+    assert stats_module._default_block_nnz(50, 32285, settings) == base
+    assert stats_module._default_block_nnz(5000, 32285, settings) == 4 * base
+    # the switch is where the accumulators (20 bytes per cluster × gene here) pass 512 MB
+    assert stats_module._default_block_nnz(792, 32285, settings) == base
+    assert stats_module._default_block_nnz(793, 32285, settings) == 4 * base
+    # and it changes nothing but speed: force the large-block path on the test atlas
+    seen = []
+    real = stats_module._plan_blocks
+
+    def spy(parts, settings, block_nnz, graph, token):
+        seen.append(block_nnz)
+        return real(parts, settings, block_nnz, graph, token)
+
+    monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
+    monkeypatch.setattr(stats_module, "_plan_blocks", spy)
+    result = cluster_stats(stores["sparse"], stats=ALL)
+    assert seen == [4 * base]
+    check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy()))
+
+
+def test_release_free_memory_runs_on_linux():
+    from bigcat.util import release_free_memory
+
+    assert release_free_memory() is sys.platform.startswith("linux")
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])

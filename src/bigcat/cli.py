@@ -226,8 +226,12 @@ def stats(
     seed: Annotated[int, typer.Option("--seed", help="Random seed for --max-cells-per-cluster.")] = 0,
     engine: Annotated[str, typer.Option("--engine", help="blocks (default) or groupby (xarray+flox).")] = "blocks",
     block_values: Annotated[
-        int, typer.Option("--block-values", help="Stored values per block read by one task (memory per task).")
-    ] = 8_000_000,
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--block-values",
+            help="Stored values per block read by one task (memory per task; default 8M, 32M with >800 clusters).",
+        ),
+    ] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="stats.zarr|.parquet|.h5ad|.csv")] = None,  # noqa: UP045
     out_format: Annotated[
         Optional[str],  # noqa: UP045

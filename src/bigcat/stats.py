@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.readers import BLOCK_NNZ, MatrixSource, block_bounds, open_source
+from bigcat.util import release_free_memory
 
 __all__ = [
     "DEFAULT_STATS",
@@ -73,6 +74,9 @@ ACC_DTYPES = {"sums": np.float64, "sqr_sums": np.float64, "present_counts": np.i
 FAN_IN = 8
 #: blocks a chain may read ahead of its fold
 LOOKAHEAD = 2
+#: accumulators larger than this (bytes) get ``BIG_BLOCK_FACTOR`` × larger row blocks
+BIG_ACCUMULATORS = 512e6
+BIG_BLOCK_FACTOR = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ def cluster_stats(
     labels: str | os.PathLike | None = None,
     label_column: str | None = None,
     cell_column: str | None = None,
-    block_nnz: int = BLOCK_NNZ,
+    block_nnz: int | None = None,
     progress: bool | None = False,
     storage_options: dict | None = None,
 ) -> Any:
@@ -350,6 +354,11 @@ def cluster_stats(
         Table rows for cells not in the data are counted (``attrs["labels_unmatched"]``).
     block_nnz
         Stored values per row block (task). Memory per block in flight ≈ 12 bytes × this.
+        ``None``: 8 million, or 4 × that when the accumulators exceed 512 MB (about 800
+        clusters of 32,000 genes): the kernel visits a block's rows grouped by cluster, so a
+        cluster's accumulator rows are reused from cache for all of its cells in the block,
+        and with thousands of clusters larger blocks hold more cells per cluster (measured
+        at 5,000 clusters: 30% faster end to end; at 50 clusters smaller blocks are faster).
     progress
         Show a progress bar (``None``: only on a terminal).
     storage_options
@@ -455,6 +464,8 @@ def cluster_stats(
         normalize=normalize == "log2cpm",
     )
     client = _default_client(client)
+    if block_nnz is None:
+        block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings)
     try:
         if engine == "blocks":
             acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress)
@@ -489,6 +500,12 @@ def cluster_stats(
                 bad,
             )
     return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs)
+
+
+def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings) -> int:
+    """Row-block size for the blocks engine (see ``block_nnz`` in :func:`cluster_stats`)."""
+    entry = sum(np.dtype(ACC_DTYPES[a]).itemsize for a in settings.accumulators)
+    return BLOCK_NNZ * BIG_BLOCK_FACTOR if n_clusters * n_genes * entry > BIG_ACCUMULATORS else BLOCK_NNZ
 
 
 def _check_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
@@ -530,58 +547,24 @@ def _default_client(client: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Finishing: accumulators → statistics
 # --------------------------------------------------------------------------------------------
-class _Derived:
-    """One float32 statistic over the float64 accumulators, as an array-like that
-    ``dask.array.from_array`` slices: each requested region is computed on access, in slabs
-    of clusters (no float64 temporary of full size), straight into its float32 output."""
-
-    def __init__(self, name: str, acc: dict[str, np.ndarray], n_cells: np.ndarray) -> None:
-        self.name, self.acc = name, acc
-        self.n = np.asarray(n_cells, dtype=np.float64)
-        self.shape = next(iter(acc.values())).shape
-        self.dtype, self.ndim = np.dtype(np.float32), 2
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        r0, r1, _ = rows.indices(self.shape[0])
-        out = np.empty((max(r1 - r0, 0), len(range(*cols.indices(self.shape[1])))), dtype=np.float32)
-        step = max(1, (1 << 21) // max(out.shape[1], 1))
-        for lo in range(r0, r1, step):
-            hi = min(lo + step, r1)
-            n = self.n[lo:hi, None]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                if self.name == "means":
-                    value = self.acc["sums"][lo:hi, cols] / n
-                elif self.name == "sqr_means":
-                    value = self.acc["sqr_sums"][lo:hi, cols] / n
-                elif self.name == "present":
-                    value = self.acc["present_counts"][lo:hi, cols] / n
-                else:  # population variance, from float64 accumulators
-                    mean = self.acc["sums"][lo:hi, cols] / n
-                    value = np.maximum(self.acc["sqr_sums"][lo:hi, cols] / n - mean * mean, 0.0)
-            out[lo - r0 : hi - r0] = value
-        return out
-
-
 def _derive(acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str]) -> dict:
-    """The float32 statistics as lazy Dask arrays over the in-memory float64 accumulators.
+    """The float32 statistics as lazily computed arrays over the in-memory accumulators.
 
     They are elementwise and cheap, so they are computed when read (``.values``,
     ``.load()``, ``write_stats``, or any slice of them, which computes only that slice); the
-    result of :func:`cluster_stats` then costs only its accumulators' memory. One chunk
-    each, so ``.load()`` builds each statistic once, in place, with no concatenation copy.
+    result of :func:`cluster_stats` then costs only its accumulators' memory.
     """
-    import dask.array as da
+    from xarray.core import indexing
+
+    from bigcat.derived import DerivedArray
 
     if not acc:
         return {}
-    derived = {}
-    for name in stats:
-        if name in ("means", "sqr_means", "present", "vars"):
-            source = _Derived(name, acc, n_cells)
-            meta = np.empty((0, 0), dtype=np.float32)
-            derived[name] = da.from_array(source, chunks=source.shape, name=False, asarray=False, meta=meta)
-    return derived
+    return {
+        name: indexing.LazilyIndexedArray(DerivedArray(name, acc, n_cells))
+        for name in stats
+        if name in ("means", "sqr_means", "present", "vars")
+    }
 
 
 def _result(
@@ -948,6 +931,8 @@ def _blocks(
         graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
     _run(graph, final_keys, client, progress, out, edges)
+    del graph, blocks
+    release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
     return out
 
 
