@@ -72,6 +72,44 @@ def test_sparse_store_layout(atlas_h5ad, tmp_path):
     assert sum(1 for p in out.rglob("*") if p.is_file()) < 60
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.float64, np.int64, np.uint16])
+def test_shard_writer_writes_what_zarr_writes(dtype, tmp_path):
+    """Convert stores shards through its own encoder: the files must be byte for byte
+    those zarr-python writes for the same values (whole shards and a partial last one)."""
+    import zarr
+
+    from bigcat.store import _ShardWriter, sparse_compressors
+
+    rng = np.random.default_rng(0)
+    values = (rng.poisson(2, 10_500) * (rng.random(10_500) < 0.5)).astype(dtype)
+    group = zarr.open_group(tmp_path / "x.zarr", mode="w", zarr_format=3)
+    kwargs = {
+        "shape": (0,),
+        "dtype": dtype,
+        "chunks": (1000,),
+        "shards": (4000,),
+        "compressors": sparse_compressors(),
+        "fill_value": 0,
+        "config": {"write_empty_chunks": True},
+    }
+    by_zarr, ours = group.create_array("zarr", **kwargs), group.create_array("ours", **kwargs)
+    writer = _ShardWriter.for_array(ours)
+    assert writer is not None
+    for k, start in enumerate(range(0, len(values), 4000)):
+        piece = values[start : start + 4000]
+        by_zarr.resize((start + len(piece),))
+        by_zarr[start : start + len(piece)] = piece
+        ours.resize((start + len(piece),))
+        writer.write(k, piece)
+    for k in range(3):
+        assert (tmp_path / f"x.zarr/ours/c/{k}").read_bytes() == (tmp_path / f"x.zarr/zarr/c/{k}").read_bytes()
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "x.zarr", path="ours")[:], values)
+    # arrays with other codecs are left to zarr
+    other = group.create_array("other", **{**kwargs, "compressors": [zarr.codecs.ZstdCodec()]})
+    assert _ShardWriter.for_array(other) is None
+    assert _ShardWriter.for_array(group.create_array("plain", shape=(10,), dtype=dtype)) is None
+
+
 @pytest.mark.parametrize("version", ["v0.5.0", "v0.7.0", "v0.7.8"])
 @pytest.mark.parametrize("layout", ["sparse", "dense"])
 def test_old_anndata_files_convert(version, layout, tmp_path):
