@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,3 +103,44 @@ def test_clear_errors(tmp_path):
     truncated.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     with pytest.raises(BigcatFormatError, match="cannot be read as HDF5"):
         bigcat.open_dataset(truncated)
+
+
+def test_buffer_pool_reuses_only_released_arrays():
+    import pickle
+
+    from bigcat.readers import BufferPool
+
+    pool = BufferPool(limit=2)
+    a = pool.take(1000, np.float32)
+    b = pool.take(1000, np.float32)
+    assert not np.shares_memory(a, b)  # a is still referenced: never handed out twice
+    view = a[10:20]
+    del a
+    c = pool.take(900, np.float32)
+    assert not np.shares_memory(c, view)  # a view keeps the array busy
+    del view, c
+    d = pool.take(900, np.float32)
+    assert len(pool.buffers) == 2
+    assert any(np.shares_memory(d, buf) for buf in pool.buffers)
+    assert pool.take(900, np.int32).dtype == np.int32  # past the limit: a plain new array
+    assert len(pool.buffers) == 2
+    assert pickle.loads(pickle.dumps(pool)).buffers == []  # buffers never travel
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "sparse"])
+def test_rows_read_into_pooled_buffers(kind, stores, atlas):
+    """Blocks read through a pool equal plain reads, also when the pool's arrays are
+    reused for later blocks."""
+    from bigcat.readers import BufferPool, open_source
+
+    pool = BufferPool(limit=4)
+    full = dense(atlas.X)
+    with open_source(stores[kind]) as source:
+        bounds = source.row_bounds(20_000)
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            block = source.read_rows(int(lo), int(hi), pool=pool)
+            np.testing.assert_array_equal(block.toarray(), full[lo:hi])
+            if i < len(bounds) - 2:  # scipy copies a view of less than half its array (the short last block)
+                assert any(np.shares_memory(block.data, buf) for buf in pool.buffers)
+            del block
+    assert len(pool.buffers) <= 4

@@ -234,9 +234,9 @@ def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
     seen = []
     real = stats_module._plan_blocks
 
-    def spy(parts, settings, block_nnz, graph, token):
+    def spy(parts, settings, block_nnz, graph, token, pool=None):
         seen.append(block_nnz)
-        return real(parts, settings, block_nnz, graph, token)
+        return real(parts, settings, block_nnz, graph, token, pool)
 
     monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
     monkeypatch.setattr(stats_module, "_plan_blocks", spy)

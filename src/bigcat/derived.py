@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,13 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 __all__ = ["DerivedArray"]
+
+#: outputs larger than this (elements) are computed on several threads
+PARALLEL_ABOVE = 1 << 24
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class DerivedArray(BackendArray):
@@ -40,9 +48,20 @@ class DerivedArray(BackendArray):
         contiguous = rows.step in (None, 1)
         out = np.empty((len(row_ids), len(range(*cols.indices(self.shape[1])))), dtype=np.float32)
         step = max(1, (1 << 21) // max(out.shape[1], 1))
-        for i in range(0, len(row_ids), step):
+
+        def fill(i: int) -> None:
             slab = row_ids[i : i + step]
             out[i : i + step] = self._compute(slice(slab[0], slab[-1] + 1) if contiguous else slab, cols)
+
+        starts = range(0, len(row_ids), step)
+        if out.size < PARALLEL_ABOVE:
+            for i in starts:
+                fill(i)
+        else:  # NumPy releases the GIL: slabs on every core (first-touching the output is the cost)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(_cores(), thread_name_prefix="bigcat-derive") as threads:
+                list(threads.map(fill, starts))
         return out.squeeze(axis=squeeze) if squeeze else out
 
     def _compute(self, rows: slice | np.ndarray, cols: slice) -> np.ndarray:

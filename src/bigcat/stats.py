@@ -40,7 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
-from bigcat.readers import BLOCK_NNZ, MatrixSource, block_bounds, open_source
+from bigcat.readers import BLOCK_NNZ, BufferPool, MatrixSource, block_bounds, open_source
 from bigcat.util import release_free_memory
 
 __all__ = [
@@ -677,8 +677,8 @@ def _check_counts(data: np.ndarray) -> None:
         raise _NegativeValuesError(msg)
 
 
-def _read_rows(source: MatrixSource, start: int, stop: int, *_after: Any) -> tuple:
-    block = source.read_rows(start, stop)
+def _read_rows(source: MatrixSource, start: int, stop: int, pool: BufferPool | None = None, *_after: Any) -> tuple:
+    block = source.read_rows(start, stop, pool=pool)
     return ("csr", block.data, block.indices, block.indptr, 0)
 
 
@@ -746,8 +746,11 @@ class _Block:
     lookahead: bool  # whether reads may be delayed behind folds
 
 
-def _plan_blocks(parts: list[_Part], settings: _Settings, block_nnz: int, graph: dict, token: str) -> list[_Block]:
-    """One entry per block over all inputs, skipping blocks with no selected cell."""
+def _plan_blocks(
+    parts: list[_Part], settings: _Settings, block_nnz: int, graph: dict, token: str, pool: BufferPool | None = None
+) -> list[_Block]:
+    """One entry per block over all inputs, skipping blocks with no selected cell (row
+    blocks are read into arrays from ``pool`` when one is given)."""
     blocks: list[_Block] = []
     for p, part in enumerate(parts):
         if not (part.codes >= 0).any():
@@ -782,7 +785,8 @@ def _plan_blocks(parts: list[_Part], settings: _Settings, block_nnz: int, graph:
                 codes = part.codes[lo:hi]
                 if not (codes >= 0).any():
                     continue
-                blocks.append(_Block((_read_rows, source, int(lo), int(hi)), codes, None, 0, n_genes, lookahead=True))
+                read = (_read_rows, source, int(lo), int(hi), pool)
+                blocks.append(_Block(read, codes, None, 0, n_genes, lookahead=True))
         else:
             x = part.array
             graph.update(dict(x.__dask_graph__()))
@@ -844,8 +848,10 @@ def _blocks(
     n_out = len(gene_index)
     token = tokenize([p.name for p in parts], [p.codes for p in parts], gene_index, settings, block_nnz, os.getpid())
     graph: dict = {}
-    blocks = _plan_blocks(parts, settings, block_nnz, graph, token)
     in_process = client is None or _inproc(client)
+    # in this process, blocks are read into reused arrays (a pool never travels to workers)
+    pool = BufferPool() if in_process else None
+    blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool)
     if client is not None:
         from bigcat.cluster import check_visible
 
@@ -931,7 +937,7 @@ def _blocks(
         graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
     _run(graph, final_keys, client, progress, out, edges)
-    del graph, blocks
+    del graph, blocks, pool
     release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
     return out
 
