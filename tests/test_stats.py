@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bigcat
+from bigcat import derived as derived_module
 from bigcat import stats as stats_module
 from bigcat.errors import BigcatInputError
 from bigcat.stats import STATISTICS, cluster_stats, merge_stats, read_stats, write_stats
@@ -203,7 +204,7 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
 
 
-def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas):
+def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas, monkeypatch):
     """means/present/vars are computed on access: any selection equals the oracle's, and
     loading builds each statistic in place (no Dask graph, no copy)."""
     result = cluster_stats(stores["sparse"], stats=ALL)
@@ -219,6 +220,13 @@ def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas):
         assert result[name].dtype == np.float32
     loaded = result.load()
     np.testing.assert_allclose(loaded["means"].values, expected["means"], rtol=1e-5, atol=1e-6)
+    # large outputs are built by slabs on several threads: force that path
+    monkeypatch.setattr(derived_module, "PARALLEL_ABOVE", 0)
+    monkeypatch.setattr(derived_module, "SLAB_VALUES", 2 * atlas.n_vars)  # slabs of 2 clusters
+    fresh = cluster_stats(stores["sparse"], stats=ALL)
+    for name in ("means", "present", "vars", "sqr_means"):
+        np.testing.assert_allclose(fresh[name].values, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(fresh[name][::2, 1::3].values, expected[name][::2, 1::3], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.chunk()["means"].values, expected["means"], rtol=1e-5, atol=1e-6)
 
 

@@ -13,6 +13,8 @@ __all__ = ["DerivedArray"]
 
 #: outputs larger than this (elements) are computed on several threads
 PARALLEL_ABOVE = 1 << 24
+#: values per slab (rows of clusters computed at once: a 16 MB float64 temporary)
+SLAB_VALUES = 1 << 21
 
 
 def _cores() -> int:
@@ -47,7 +49,7 @@ class DerivedArray(BackendArray):
         row_ids = np.arange(*rows.indices(self.shape[0]))
         contiguous = rows.step in (None, 1)
         out = np.empty((len(row_ids), len(range(*cols.indices(self.shape[1])))), dtype=np.float32)
-        step = max(1, (1 << 21) // max(out.shape[1], 1))
+        step = max(1, SLAB_VALUES // max(out.shape[1], 1))
 
         def fill(i: int) -> None:
             slab = row_ids[i : i + step]
