@@ -65,6 +65,14 @@ def _rows_by_cluster(codes, c_lo, c_hi):
 
 
 @numba.njit(nogil=True, cache=True)
+def _is_identity(gene_map):
+    for k in range(gene_map.size):  # noqa: SIM110 - numba compiles loops, not generators
+        if gene_map[k] != k:
+            return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
 def fold_csr(
     data,
     indices,
@@ -84,15 +92,28 @@ def fold_csr(
     nnz,
 ):
     """Accumulate the rows of a CSR block whose cluster is in ``[c_lo, c_lo + len(acc))``
-    into the accumulators (row ``c - c_lo``; see the module notes)."""
+    into the accumulators (row ``c - c_lo``; see the module notes).
+
+    Each row's accumulator rows are taken once as 1-D views, and when every gene is kept in
+    order (``gene_map`` is the identity, the common case) the column goes straight to the
+    accumulator: together 1.4-1.7x faster than indexing 2-D accumulators through the map
+    for every value (measured on dataset S, 50 clusters, one thread: 2.3-2.8 s -> 1.6-1.7 s).
+    """
     do_sum = sums.shape[0] > 0
     do_sqr = sqr.shape[0] > 0
     do_present = present.shape[0] > 0
     do_nnz = nnz.shape[0] > 0
     c_hi = c_lo + max(sums.shape[0], sqr.shape[0], present.shape[0], nnz.shape[0])
     inline_totals = totals.size == 0
+    identity = _is_identity(gene_map)
+    no_f = sums[0:0].ravel()
+    no_i = present[0:0].ravel()
     for r in _rows_by_cluster(codes, c_lo, c_hi):
         c = codes[r] - c_lo
+        s = sums[c] if do_sum else no_f
+        q = sqr[c] if do_sqr else no_f
+        p = present[c] if do_present else no_i
+        z = nnz[c] if do_nnz else no_i
         lo = indptr[r]
         hi = indptr[r + 1]
         scale = 1.0
@@ -104,19 +125,35 @@ def fold_csr(
             else:
                 total = totals[r]
             scale = 1e6 / total if total != 0.0 else 0.0
+        if identity and not normalize:  # the common case, as a loop of its own
+            for j in range(lo, hi):
+                g = indices[j] + col_offset
+                v = np.float64(data[j])
+                if do_sum:
+                    s[g] += v
+                if do_sqr:
+                    q[g] += v * v
+                if do_present and _passes(v, threshold, op_ge) != count_fails:
+                    p[g] += 1
+                if do_nnz and v != 0.0:
+                    z[g] += 1
+            continue
         for j in range(lo, hi):
-            g = gene_map[indices[j] + col_offset]
-            if g < 0:
-                continue
+            if identity:
+                g = indices[j] + col_offset
+            else:
+                g = gene_map[indices[j] + col_offset]
+                if g < 0:
+                    continue
             v = _value(data[j], scale, normalize)
             if do_sum:
-                sums[c, g] += v
+                s[g] += v
             if do_sqr:
-                sqr[c, g] += v * v
+                q[g] += v * v
             if do_present and _passes(v, threshold, op_ge) != count_fails:
-                present[c, g] += 1
+                p[g] += 1
             if do_nnz and v != 0.0:
-                nnz[c, g] += 1
+                z[g] += 1
 
 
 @numba.njit(nogil=True, cache=True)
