@@ -110,6 +110,43 @@ def test_shard_writer_writes_what_zarr_writes(dtype, tmp_path):
     assert _ShardWriter.for_array(group.create_array("plain", shape=(10,), dtype=dtype)) is None
 
 
+def test_shard_reader_reads_what_zarr_reads(tmp_path):
+    """bigcat's shard reader decodes ranges straight into the caller's array: every range
+    (inside one chunk, across chunks and shards, the partial last shard, never-written
+    shards) equals zarr-python's reading, and a damaged shard index is refused."""
+    import zarr
+
+    from bigcat.errors import BigcatInputError
+    from bigcat.store import ShardReader, sparse_compressors
+
+    rng = np.random.default_rng(1)
+    values = (rng.poisson(3, 10_500) * (rng.random(10_500) < 0.6)).astype(np.float32)
+    group = zarr.open_group(tmp_path / "x.zarr", mode="w", zarr_format=3)
+    kwargs = {"dtype": np.float32, "chunks": (1000,), "shards": (4000,), "compressors": sparse_compressors()}
+    array = group.create_array("a", shape=values.shape, fill_value=0, config={"write_empty_chunks": True}, **kwargs)
+    array[:] = values
+    sparse_array = group.create_array("b", shape=(20_000,), fill_value=0, **kwargs)  # never-written shards
+    sparse_array[12_345:12_400] = 7.0
+    reader, other = ShardReader.for_array(array), ShardReader.for_array(sparse_array)
+    assert reader is not None
+    assert other is not None
+    ranges = [(0, 1), (0, 1000), (999, 1001), (3999, 4001), (0, 10_500), (8000, 10_500), (10_499, 10_500), (5, 5)]
+    ranges += [tuple(sorted(rng.integers(0, 10_501, 2))) for _ in range(40)]
+    for lo, hi in ranges:
+        out = np.full(hi - lo, -1, dtype=np.float32)
+        reader.read(lo, hi, out)
+        np.testing.assert_array_equal(out, values[lo:hi])
+    out = np.full(20_000, -1, dtype=np.float32)
+    np.testing.assert_array_equal(other.read(0, 20_000, out), sparse_array[:])
+    assert ShardReader.for_array(group.create_array("z", shape=(10,), dtype=np.int32)) is None
+    shard = tmp_path / "x.zarr/a/c/1"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(BigcatInputError, match="damaged shard index"):
+        ShardReader.for_array(array).read(4000, 4001, np.empty(1, np.float32))
+
+
 @pytest.mark.parametrize("version", ["v0.5.0", "v0.7.0", "v0.7.8"])
 @pytest.mark.parametrize("layout", ["sparse", "dense"])
 def test_old_anndata_files_convert(version, layout, tmp_path):

@@ -223,7 +223,7 @@ class MatrixSource:
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_file"] = None
-        for key in ("indptr",):
+        for key in ("indptr", "_shard_readers"):
             state.pop(key, None)
         return state
 
@@ -500,18 +500,33 @@ class MatrixSource:
             if hi > lo:
                 x["data"].read_direct(data, np.s_[lo:hi], np.s_[0 : hi - lo])
                 x["indices"].read_direct(indices, np.s_[lo:hi], np.s_[0 : hi - lo])
-        elif buffers is not None and self.container == "zarr" and hi - lo <= min(len(b) for b in buffers):
-            from zarr.core.buffer import default_buffer_prototype
-
+        elif self.container == "zarr" and (buffers is None or hi - lo <= min(len(b) for b in buffers)):
+            if buffers is None:
+                buffers = (np.empty(hi - lo, x["data"].dtype), np.empty(hi - lo, x["indices"].dtype))
             data, indices = buffers[0][: hi - lo], buffers[1][: hi - lo]
-            nd = default_buffer_prototype().nd_buffer
-            x["data"].get_basic_selection(slice(lo, hi), out=nd.from_numpy_array(data))
-            x["indices"].get_basic_selection(slice(lo, hi), out=nd.from_numpy_array(indices))
+            self._read_zarr(x, "data", lo, hi, data)
+            self._read_zarr(x, "indices", lo, hi, indices)
+            data, indices = _native(data), _native(indices)
         else:
             data = _native(np.asarray(x["data"][lo:hi]))
             indices = _native(np.asarray(x["indices"][lo:hi]))
         self._check_indices(indices, self.shape[1], lo)
         return sp.csr_matrix((data, indices, self.indptr[start : stop + 1] - lo), shape=(stop - start, self.shape[1]))
+
+    def _read_zarr(self, x: Any, name: str, lo: int, hi: int, out: np.ndarray) -> None:
+        """Elements ``lo:hi`` of ``X/name`` into ``out``: through bigcat's shard reader when
+        the array is encoded as bigcat writes it, else through zarr (both decode into ``out``)."""
+        readers = self.__dict__.setdefault("_shard_readers", {})
+        if name not in readers:
+            from bigcat.store import ShardReader
+
+            readers[name] = ShardReader.for_array(x[name]) if x[name].dtype == out.dtype else None
+        if readers[name] is not None:
+            readers[name].read(lo, hi, out)
+        else:
+            from zarr.core.buffer import default_buffer_prototype
+
+            x[name].get_basic_selection(slice(lo, hi), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
 
     def read_columns(self, start: int, stop: int) -> sp.csc_matrix:
         """Columns ``start:stop`` as CSC (CSC or dense X)."""

@@ -540,6 +540,133 @@ class MatrixWriter(ABC):
         """Release resources after a failure (the temporary output is removed by the caller)."""
 
 
+def _blosc_shards(array: Any) -> tuple[int, Any] | None:
+    """``(inner chunk length, numcodecs Blosc)`` when ``array`` is a 1-D Zarr v3 array sharded
+    exactly as bigcat writes it (inner chunks ``bytes`` (little-endian) + ``blosc``, index
+    ``bytes`` + ``crc32c`` at the end of each shard, fill value 0), else ``None``."""
+    import sys
+
+    from numcodecs import Blosc
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+
+    codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
+    if sys.byteorder != "little" or array.ndim != 1 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sharding = codecs[0]
+    inner, index = sharding.codecs, sharding.index_codecs
+    if not (
+        sharding.index_location.value == "end"
+        and len(inner) == 2
+        and isinstance(inner[0], BytesCodec)
+        and isinstance(inner[1], BloscCodec)
+        and len(index) == 2
+        and isinstance(index[0], BytesCodec)
+        and isinstance(index[1], Crc32cCodec)
+        and all(c.endian is None or c.endian.value == "little" for c in (inner[0], index[0]))
+        and array.fill_value == 0
+        and array.dtype.isnative
+    ):
+        return None
+    blosc = inner[1]
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
+    codec = Blosc(
+        cname=blosc.cname.value,
+        clevel=blosc.clevel,
+        shuffle=shuffle,
+        blocksize=blosc.blocksize,
+        typesize=array.dtype.itemsize,
+    )
+    return int(sharding.chunk_shape[0]), codec
+
+
+class ShardReader:
+    """Reads element ranges of a 1-D array sharded as bigcat writes it, decoding straight
+    into the caller's array.
+
+    zarr-python decodes every inner chunk into a fresh array, copies it into the output
+    and runs a coroutine per chunk; reading a row block this way takes one ranged read per
+    shard it touches (the chunks of a range are contiguous in the shard) and one Blosc
+    decode per chunk, into the destination itself except for the partial chunks at the
+    ends (measured on dataset S, one thread: 2.5 s -> 1.4 s for all 4 GB of values).
+    Shard indexes are read once (their CRC-32C checked) and cached. Works on any Zarr
+    store (local or fsspec). Use :meth:`for_array`, which returns ``None`` for arrays
+    encoded otherwise (read those with zarr).
+    """
+
+    def __init__(self, array: Any, chunk: int, blosc: Any) -> None:
+        self.array, self.chunk, self.blosc = array, chunk, blosc
+        self.per_shard = int(array.shards[0]) // chunk
+        self.indexes: dict[int, np.ndarray | None] = {}
+
+    @classmethod
+    def for_array(cls, array: Any) -> ShardReader | None:
+        found = _blosc_shards(array)
+        return None if found is None else cls(array, *found)
+
+    def _key(self, shard: int) -> str:
+        key = self.array.metadata.encode_chunk_key((shard,))
+        return f"{self.array.path}/{key}" if self.array.path else key
+
+    def _get(self, shard: int, byte_range: Any = None) -> bytes | None:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        buffer = sync(self.array.store_path.store.get(self._key(shard), default_buffer_prototype(), byte_range))
+        return None if buffer is None else buffer.to_bytes()
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        if shard not in self.indexes:
+            import google_crc32c
+            from zarr.abc.store import SuffixByteRequest
+
+            size = 16 * self.per_shard
+            raw = self._get(shard, SuffixByteRequest(size + 4))
+            if raw is None:
+                self.indexes[shard] = None  # a shard never written: fill values
+            else:
+                crc = int(np.frombuffer(raw[size:], dtype="<u4")[0])
+                if len(raw) != size + 4 or google_crc32c.value(raw[:size]) != crc:
+                    msg = f"{self.array.store_path}/{self._key(shard)}: damaged shard index (checksum mismatch)"
+                    raise BigcatInputError(msg)
+                self.indexes[shard] = np.frombuffer(raw[:size], dtype="<u8").reshape(-1, 2)
+        return self.indexes[shard]
+
+    def read(self, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+        """Elements ``lo:hi`` into ``out`` (``hi - lo`` elements of the array's dtype)."""
+        from zarr.abc.store import RangeByteRequest
+
+        chunk, per_shard, empty = self.chunk, self.per_shard, np.iinfo(np.uint64).max
+        if hi <= lo:
+            return out
+        first, last = lo // chunk, (hi - 1) // chunk
+        for shard in range(first // per_shard, last // per_shard + 1):
+            c0, c1 = max(first, shard * per_shard), min(last, (shard + 1) * per_shard - 1)
+            index = self._index(shard)
+            stored = [] if index is None else [c for c in range(c0, c1 + 1) if index[c - shard * per_shard, 0] != empty]
+            raw, base = b"", 0
+            if stored:
+                rows = index[[c - shard * per_shard for c in stored]]
+                base, end = int(rows[:, 0].min()), int((rows[:, 0] + rows[:, 1]).max())
+                raw = self._get(shard, RangeByteRequest(base, end))
+            view = memoryview(raw)
+            for c in range(c0, c1 + 1):
+                s, e = c * chunk, (c + 1) * chunk
+                a, b = max(s, lo), min(e, hi)
+                target = out[a - lo : b - lo]
+                if c not in stored:
+                    target[...] = 0
+                    continue
+                offset, nbytes = (int(v) for v in index[c - shard * per_shard])
+                piece = view[offset - base : offset - base + nbytes]
+                if a == s and b == e:
+                    self.blosc.decode(piece, out=target)
+                else:
+                    whole = np.empty(chunk, dtype=out.dtype)
+                    self.blosc.decode(piece, out=whole)
+                    target[...] = whole[a - s : b - s]
+        return out
+
+
 class _ShardWriter:
     """Encodes whole shards of one of our 1-D sharded arrays and stores them directly.
 
@@ -561,38 +688,8 @@ class _ShardWriter:
 
     @classmethod
     def for_array(cls, array: Any) -> _ShardWriter | None:
-        import sys
-
-        from numcodecs import Blosc
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-
-        codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
-        if sys.byteorder != "little" or array.ndim != 1 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            return None
-        sharding = codecs[0]
-        inner, index = sharding.codecs, sharding.index_codecs
-        if not (
-            sharding.index_location.value == "end"
-            and len(inner) == 2
-            and isinstance(inner[0], BytesCodec)
-            and isinstance(inner[1], BloscCodec)
-            and len(index) == 2
-            and isinstance(index[0], BytesCodec)
-            and isinstance(index[1], Crc32cCodec)
-            and all(c.endian is None or c.endian.value == "little" for c in (inner[0], index[0]))
-            and array.fill_value == 0
-        ):
-            return None
-        blosc = inner[1]
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.shuffle.value]
-        codec = Blosc(
-            cname=blosc.cname.value,
-            clevel=blosc.clevel,
-            shuffle=shuffle,
-            blocksize=blosc.blocksize,
-            typesize=array.dtype.itemsize,
-        )
-        return cls(array, int(sharding.chunk_shape[0]), codec)
+        found = _blosc_shards(array)
+        return None if found is None else cls(array, *found)
 
     def write(self, shard: int, values: np.ndarray) -> None:
         """Store shard number ``shard`` holding ``values`` (a whole shard, or the last one)."""
