@@ -124,6 +124,18 @@ for name in ("indptr", "data", "indices"):
 print(n, time.perf_counter() - t)
 """
 
+READ_ZARR_BIGCAT = """
+import sys, time, zarr, numpy as np
+from bigcat.store import ShardReader
+t = time.perf_counter()
+x = zarr.open_group(sys.argv[1], mode="r")["X"]
+n = x["indptr"][...].nbytes
+for name in ("data", "indices"):
+    a = x[name]
+    n += ShardReader.for_array(a).read(0, a.shape[0], np.empty(a.shape[0], a.dtype)).nbytes
+print(n, time.perf_counter() - t)
+"""
+
 OPEN_AND_BLOCK = """
 import bigcat, sys, time
 t = time.perf_counter()
@@ -353,6 +365,8 @@ def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict
         row: dict = {"nnz": nnz}
         print(f"[{scale}/{k}] read-only ×{n_repeat}", flush=True)
         row["read"] = repeat([sys.executable, "-c", READ_ZARR, str(store)], n_repeat)
+        print(f"[{scale}/{k}] read-only with bigcat's shard reader ×{n_repeat}", flush=True)
+        row["read-bigcat"] = repeat([sys.executable, "-c", READ_ZARR_BIGCAT, str(store)], n_repeat)
         print(f"[{scale}/{k}] bigcat blocks ×{n_repeat}", flush=True)
         row["blocks"] = repeat([sys.executable, "-c", STATS_BIGCAT, str(store), "blocks"], n_repeat)
         print(f"[{scale}/{k}] bigcat blocks on a local cluster ×{n_repeat}", flush=True)
@@ -386,7 +400,8 @@ def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict
                 f"{gib(m['rss'])} | {nnz / m['wall']:.3g} |"
             )
 
-        lines.append(line("read X's arrays from the store (physical-limit proxy)", r))
+        lines.append(line("read X's arrays from the store with zarr-python (physical-limit proxy)", r))
+        lines.append(line("read X's arrays with bigcat's shard reader (physical-limit proxy)", row["read-bigcat"]))
         lines.append(line("**bigcat `blocks`**, end to end (process incl. imports, open, compute)", b))
         lines.append(line("bigcat `blocks` on a local cluster (`bigcat.connect('local')`)", row["blocks-local"]))
         t_kernel = parsed(row["kernel"], 0)
@@ -419,14 +434,15 @@ def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict
         row["result_bytes"] = result_bytes
     lines += ["", "Targets (same run):", ""]
     for k, row in results.items():
-        b, r = row["blocks"]["wall"], row["read"]["wall"]
+        # against the faster of the two read-only proxies (the stricter target)
+        b, r = row["blocks"]["wall"], min(row["read"]["wall"], row["read-bigcat"]["wall"])
         speedup, target_speedup = row["scanpy_compute"] / b, 4 if k == min(results) else 3
         rss_limit = 2**31 + 2 * row["result_bytes"] * (k != min(results))
         rss = row["blocks"]["rss_max"]
         lines.append(
             f"- {k:,} clusters: scanpy compute alone / bigcat end to end = **{speedup:.1f}×** "
             f"(target ≥ {target_speedup}×) {_ok(speedup >= target_speedup)}; "
-            f"bigcat / read-only = **{b / r:.2f}×** (target ≤ 1.5×) {_ok(b / r <= 1.5)}; "
+            f"bigcat / fastest read-only = **{b / r:.2f}×** (target ≤ 1.5×) {_ok(b / r <= 1.5)}; "
             f"peak RSS {gib(rss)} (target ≤ {gib(rss_limit)}) {_ok(rss <= rss_limit)}"
         )
         if "R" in row:
