@@ -125,19 +125,6 @@ def fold_csr(
             else:
                 total = totals[r]
             scale = 1e6 / total if total != 0.0 else 0.0
-        if identity and not normalize:  # the common case, as a loop of its own
-            for j in range(lo, hi):
-                g = indices[j] + col_offset
-                v = np.float64(data[j])
-                if do_sum:
-                    s[g] += v
-                if do_sqr:
-                    q[g] += v * v
-                if do_present and _passes(v, threshold, op_ge) != count_fails:
-                    p[g] += 1
-                if do_nnz and v != 0.0:
-                    z[g] += 1
-            continue
         for j in range(lo, hi):
             if identity:
                 g = indices[j] + col_offset
