@@ -502,10 +502,15 @@ def cluster_stats(
     return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs)
 
 
+def _accumulator_bytes(n_clusters: int, n_genes: int, settings: _Settings) -> int:
+    """Memory of one full set of accumulators (clusters × genes)."""
+    return n_clusters * n_genes * sum(np.dtype(ACC_DTYPES[a]).itemsize for a in settings.accumulators)
+
+
 def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings) -> int:
     """Row-block size for the blocks engine (see ``block_nnz`` in :func:`cluster_stats`)."""
-    entry = sum(np.dtype(ACC_DTYPES[a]).itemsize for a in settings.accumulators)
-    return BLOCK_NNZ * BIG_BLOCK_FACTOR if n_clusters * n_genes * entry > BIG_ACCUMULATORS else BLOCK_NNZ
+    big = _accumulator_bytes(n_clusters, n_genes, settings) > BIG_ACCUMULATORS
+    return BLOCK_NNZ * BIG_BLOCK_FACTOR if big else BLOCK_NNZ
 
 
 def _check_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
@@ -859,8 +864,7 @@ def _blocks(
 
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
     threads, memory = _n_threads(client)
-    bytes_per_entry = sum(np.dtype(ACC_DTYPES[a]).itemsize for a in settings.accumulators)
-    acc_bytes = max(n_clusters * n_out * bytes_per_entry, 1)
+    acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
     budget = 0.25 * memory
     n_row_parts = int(max(1, min(threads, budget // acc_bytes, max(len(blocks), 1))))
     n_ranges = int(max(1, min(threads // n_row_parts, n_clusters)))

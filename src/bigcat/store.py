@@ -579,6 +579,12 @@ def _blosc_shards(array: Any) -> tuple[int, Any] | None:
     return int(sharding.chunk_shape[0]), codec
 
 
+def _shard_key(array: Any, shard: int) -> str:
+    """The store key of shard number ``shard`` of a 1-D array."""
+    key = array.metadata.encode_chunk_key((shard,))
+    return f"{array.path}/{key}" if array.path else key
+
+
 class ShardReader:
     """Reads element ranges of a 1-D array sharded as bigcat writes it, decoding straight
     into the caller's array.
@@ -603,15 +609,12 @@ class ShardReader:
         found = _blosc_shards(array)
         return None if found is None else cls(array, *found)
 
-    def _key(self, shard: int) -> str:
-        key = self.array.metadata.encode_chunk_key((shard,))
-        return f"{self.array.path}/{key}" if self.array.path else key
-
     def _get(self, shard: int, byte_range: Any = None) -> bytes | None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        buffer = sync(self.array.store_path.store.get(self._key(shard), default_buffer_prototype(), byte_range))
+        key = _shard_key(self.array, shard)
+        buffer = sync(self.array.store_path.store.get(key, default_buffer_prototype(), byte_range))
         return None if buffer is None else buffer.to_bytes()
 
     def _index(self, shard: int) -> np.ndarray | None:
@@ -626,7 +629,8 @@ class ShardReader:
             else:
                 crc = int(np.frombuffer(raw[size:], dtype="<u4")[0])
                 if len(raw) != size + 4 or google_crc32c.value(raw[:size]) != crc:
-                    msg = f"{self.array.store_path}/{self._key(shard)}: damaged shard index (checksum mismatch)"
+                    where = f"{self.array.store_path}/{_shard_key(self.array, shard)}"
+                    msg = f"{where}: damaged shard index (checksum mismatch)"
                     raise BigcatInputError(msg)
                 self.indexes[shard] = np.frombuffer(raw[:size], dtype="<u8").reshape(-1, 2)
         return self.indexes[shard]
@@ -718,8 +722,7 @@ class _ShardWriter:
         out[body : body + index.nbytes] = index.view(np.uint8).reshape(-1)
         crc = np.array([google_crc32c.value(out[body : body + index.nbytes])], dtype="<u4")
         out[body + index.nbytes :] = crc.view(np.uint8)
-        key = self.array.metadata.encode_chunk_key((shard,))
-        path = f"{self.array.path}/{key}" if self.array.path else key
+        path = _shard_key(self.array, shard)
         buffer = default_buffer_prototype().buffer.from_array_like(out)
         sync(self.array.store_path.store.set(path, buffer))
 
