@@ -112,29 +112,34 @@ def problems(draw):
     threshold = draw(st.sampled_from([0.0, 1.0, -1.0]))
     op = draw(st.sampled_from(["gt", "ge"]))
     block_nnz = draw(st.sampled_from([1, 3, 50, 10_000]))
-    return x, labels, threshold, op, normalize, block_nnz
+    counts = draw(st.sampled_from(["uint16", "int32"]))  # the count accumulators' dtype
+    return x, labels, threshold, op, normalize, block_nnz, counts
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problems())
 def test_blocks_engine_matches_oracle(tmp_path_factory, problem):
-    x, labels, threshold, op, normalize, block_nnz = problem
+    x, labels, threshold, op, normalize, block_nnz, counts = problem
     path = write_h5ad(tmp_path_factory.mktemp("p") / "x.h5ad", x, labels)
-    result = cluster_stats(
-        path,
-        stats=ALL,
-        threshold=threshold,
-        present_op=op,
-        normalize="log2cpm" if normalize else None,
-        block_nnz=block_nnz,
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        # clusters here are small (uint16 counts); int32 is what clusters of > 65,535 cells get
+        patch.setattr(stats_module, "count_dtype", lambda _n: np.dtype(counts))
+        result = cluster_stats(
+            path,
+            stats=ALL,
+            threshold=threshold,
+            present_op=op,
+            normalize="log2cpm" if normalize else None,
+            block_nnz=block_nnz,
+        )
+    assert result["present_counts"].dtype == result["nnz"].dtype == np.dtype(counts)
     check(result, oracle(x.toarray(), labels, threshold=threshold, op=op, normalize=normalize))
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problems())
 def test_groupby_engine_matches_oracle(tmp_path_factory, problem):
-    x, labels, threshold, op, normalize, _ = problem
+    x, labels, threshold, op, normalize, _, _ = problem
     path = write_h5ad(tmp_path_factory.mktemp("p") / "x.h5ad", x, labels)
     result = cluster_stats(
         path,
@@ -194,14 +199,25 @@ def test_subsets_threshold_and_gene_order(stores, atlas):
     np.testing.assert_allclose(by_name["sums"].values, raw["sums"])
 
 
-def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch):
+def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch, caplog):
     """Force the many-clusters decomposition (one row partition × 4 cluster ranges) and the
     few-clusters one (4 row partitions summed by a tree)."""
     expected = oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy())
+
+    def decomposition() -> str:
+        return next(r.getMessage() for r in reversed(caplog.records) if "row partitions" in r.getMessage())
+
+    caplog.set_level("INFO", logger="bigcat")
     monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1))  # tiny budget → R = 1, C = 4
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+    assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
     monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, C = 1
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+    assert decomposition().endswith("as 4 row partitions × 1 cluster ranges")
+    # large accumulators, threads in this process: one copy of them, cluster ranges only
+    monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
+    check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+    assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
 
 
 def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas, monkeypatch):
@@ -234,10 +250,14 @@ def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
     settings = stats_module._Settings(("sums", "sqr_sums", "present_counts"), 0.0, op_ge=False, normalize=False)
     base = stats_module.BLOCK_NNZ
     assert stats_module._default_block_nnz(50, 32285, settings) == base
-    assert stats_module._default_block_nnz(5000, 32285, settings) == 4 * base
     # the switch is where the accumulators (20 bytes per cluster × gene here) pass 512 MB
     assert stats_module._default_block_nnz(792, 32285, settings) == base
     assert stats_module._default_block_nnz(793, 32285, settings) == 4 * base
+    # then blocks of accumulator bytes / 24 values, up to MAX_BLOCK_NNZ
+    assert stats_module._default_block_nnz(2000, 32285, settings) == 2000 * 32285 * 20 // 24
+    assert stats_module._default_block_nnz(5000, 32285, settings) == stats_module.MAX_BLOCK_NNZ
+    narrow = stats_module._Settings(settings.accumulators, 0.0, op_ge=False, normalize=False, counts="uint16")
+    assert stats_module._default_block_nnz(5000, 32285, narrow) == 5000 * 32285 * 18 // 24
     # and it changes nothing but speed: force the large-block path on the test atlas
     seen = []
     real = stats_module._plan_blocks
@@ -251,6 +271,24 @@ def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
     result = cluster_stats(stores["sparse"], stats=ALL)
     assert seen == [4 * base]
     check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy()))
+
+
+def test_count_accumulators_are_as_narrow_as_the_largest_cluster_allows(stores):
+    assert stats_module.count_dtype(1) == stats_module.count_dtype(65_535) == np.dtype(np.uint16)
+    assert stats_module.count_dtype(65_536) == np.dtype(np.int32)
+    result = cluster_stats(stores["sparse"], stats="present,nnz")
+    assert result["present_counts"].dtype == result["nnz"].dtype == np.dtype(np.uint16)
+    # merged results of uint16 counts whose sums pass 65,535 widen to int32, exactly
+    big = result.isel(cluster=[0]).copy(deep=True)
+    big["n_cells"][:] = 40_000
+    big["present_counts"][:] = np.arange(big.sizes["gene"]) % 3 + 39_990
+    other = big.copy(deep=True)
+    other["cluster"] = big["cluster"]  # the same cluster, other cells
+    merged = merge_stats([big, other])
+    assert merged["present_counts"].dtype == np.dtype(np.int32)
+    np.testing.assert_array_equal(merged["present_counts"].values[0], 2 * (np.arange(big.sizes["gene"]) % 3 + 39_990))
+    assert int(merged["n_cells"][0]) == 80_000
+    np.testing.assert_allclose(merged["present"].values[0], (np.arange(big.sizes["gene"]) % 3 + 39_990) / 40_000)
 
 
 def test_release_free_memory_runs_on_linux():

@@ -14,7 +14,7 @@ Conventions shared by the kernels
 - ``totals[r]``: the cell's total counts for ``normalize`` (log2 CPM); when ``totals`` is
   empty and ``normalize`` is set, the CSR kernel sums the row itself (a CSR row block holds
   whole rows, so no extra pass over the data is needed).
-- Accumulators: ``sums``/``sqr`` float64, ``present``/``nnz`` int32 (a 0×0 array when not
+- Accumulators: ``sums``/``sqr`` float64, ``present``/``nnz`` uint16 or int32 (a 0×0 array when not
   requested), holding the clusters ``c_lo …`` (an accumulator piece owns a cluster range).
   ``present`` counts values passing the threshold test, or — when an implicit zero passes
   too (``count_fails``) — the stored values failing it, so cells without a stored value
