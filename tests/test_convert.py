@@ -114,6 +114,8 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
     """bigcat's shard reader decodes ranges straight into the caller's array: every range
     (inside one chunk, across chunks and shards, the partial last shard, never-written
     shards) equals zarr-python's reading, and a damaged shard index is refused."""
+    import pickle
+
     import zarr
 
     from bigcat.errors import BigcatInputError
@@ -138,6 +140,15 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
         np.testing.assert_array_equal(out, values[lo:hi])
     out = np.full(20_000, -1, dtype=np.float32)
     np.testing.assert_array_equal(other.read(0, 20_000, out), sparse_array[:])
+    # local shards are read into a reused per-thread buffer; a pickled reader gets its own
+    assert reader.root is not None
+    assert len(reader.scratch.buffer) > 0
+    copy = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(copy.read(0, 10_500, np.empty(10_500, np.float32)), values)
+    # through the store's own API (as for fsspec/S3 stores) the same values come back
+    reader.root = None
+    for lo, hi in ranges[:10]:
+        np.testing.assert_array_equal(reader.read(lo, hi, np.empty(hi - lo, np.float32)), values[lo:hi])
     assert ShardReader.for_array(group.create_array("z", shape=(10,), dtype=np.int32)) is None
     shard = tmp_path / "x.zarr/a/c/1"
     raw = bytearray(shard.read_bytes())
@@ -145,6 +156,13 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(BigcatInputError, match="damaged shard index"):
         ShardReader.for_array(array).read(4000, 4001, np.empty(1, np.float32))
+    # a shard cut short (its index, moved to the new end, now points past it)
+    shard = tmp_path / "x.zarr/a/c/0"
+    raw = shard.read_bytes()
+    index = raw[-(16 * 4 + 4) :]
+    shard.write_bytes(raw[: len(raw) // 3] + index)
+    with pytest.raises(BigcatInputError, match="shorter than its index says"):
+        ShardReader.for_array(array).read(0, 4000, np.empty(4000, np.float32))
 
 
 @pytest.mark.parametrize("version", ["v0.5.0", "v0.7.0", "v0.7.8"])

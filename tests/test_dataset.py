@@ -125,6 +125,11 @@ def test_buffer_pool_reuses_only_released_arrays():
     assert pool.take(900, np.int32).dtype == np.int32  # past the limit: a plain new array
     assert len(pool.buffers) == 2
     assert pickle.loads(pickle.dumps(pool)).buffers == []  # buffers never travel
+    # with the largest block known, every new array has exactly that size (no slack)
+    sized = BufferPool(limit=2, size=5000)
+    assert len(sized.take(1000, np.float32).base) == 5000
+    assert len(sized.take(6000, np.float32).base) == 6000  # a larger request still fits
+    assert pickle.loads(pickle.dumps(sized)).size == 5000
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "sparse"])

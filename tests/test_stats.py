@@ -258,6 +258,8 @@ def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
     assert stats_module._default_block_nnz(5000, 32285, settings) == stats_module.MAX_BLOCK_NNZ
     narrow = stats_module._Settings(settings.accumulators, 0.0, op_ge=False, normalize=False, counts="uint16")
     assert stats_module._default_block_nnz(5000, 32285, narrow) == 5000 * 32285 * 18 // 24
+    # blocks sent between worker processes stay small
+    assert stats_module._default_block_nnz(5000, 32285, narrow, in_process=False) == 4 * base
     # and it changes nothing but speed: force the large-block path on the test atlas
     seen = []
     real = stats_module._plan_blocks

@@ -174,10 +174,13 @@ class BufferPool:
     arrays are returned. Drop the pool to free its memory.
     """
 
-    def __init__(self, limit: int = 16) -> None:
+    def __init__(self, limit: int = 16, size: int = 0) -> None:
         import threading
 
         self.limit = limit
+        #: elements of each new array when the largest block is known (else a little more
+        #: than the request): no slack to first-touch, and every buffer fits every block
+        self.size = size
         self.buffers: list[np.ndarray] = []
         self.lock = threading.Lock()
         probe = [np.empty(0)]
@@ -185,10 +188,10 @@ class BufferPool:
             self._idle = sys.getrefcount(buffer)
 
     def __getstate__(self) -> dict:
-        return {"limit": self.limit}
+        return {"limit": self.limit, "size": self.size}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["limit"])
+        self.__init__(state["limit"], state["size"])
 
     def take(self, n: int, dtype: Any) -> np.ndarray:
         """An array of ``n`` elements of ``dtype`` (uninitialised), reused when possible."""
@@ -197,8 +200,8 @@ class BufferPool:
             for buffer in self.buffers:
                 if buffer.dtype == dtype and len(buffer) >= n and sys.getrefcount(buffer) <= self._idle:
                     return buffer[:n]
-            # room for blocks a little larger than this one
-            buffer = np.empty(n + n // 8 + 1024, dtype=dtype)
+            # room for every block, or for blocks a little larger than this one
+            buffer = np.empty(max(n, self.size) if self.size else n + n // 8 + 1024, dtype=dtype)
             if len(self.buffers) < self.limit:
                 self.buffers.append(buffer)
             return buffer[:n]

@@ -481,7 +481,8 @@ def cluster_stats(
     )
     client = _default_client(client)
     if block_nnz is None:
-        block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings)
+        in_process = client is None or _inproc(client)
+        block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings, in_process)
     try:
         if engine == "blocks":
             acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress)
@@ -534,12 +535,17 @@ def _accumulator_bytes(n_clusters: int, n_genes: int, settings: _Settings) -> in
     return n_clusters * n_genes * sum(settings.dtype(a).itemsize for a in settings.accumulators)
 
 
-def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings) -> int:
-    """Row-block size for the blocks engine (see ``block_nnz`` in :func:`cluster_stats`)."""
+def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings, in_process: bool = True) -> int:
+    """Row-block size for the blocks engine (see ``block_nnz`` in :func:`cluster_stats`).
+
+    Blocks that travel between worker processes (``in_process`` false) stay at most
+    4 × ``BLOCK_NNZ``: each is sent to every worker folding one of its cluster ranges.
+    """
     acc_bytes = _accumulator_bytes(n_clusters, n_genes, settings)
     if acc_bytes <= BIG_ACCUMULATORS:
         return BLOCK_NNZ
-    return int(np.clip(acc_bytes // BIG_BLOCK_DIVISOR, BLOCK_NNZ * 4, MAX_BLOCK_NNZ))
+    largest = MAX_BLOCK_NNZ if in_process else BLOCK_NNZ * 4
+    return int(np.clip(acc_bytes // BIG_BLOCK_DIVISOR, BLOCK_NNZ * 4, largest))
 
 
 def _check_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
@@ -814,6 +820,8 @@ def _plan_blocks(
                 )
         elif source is not None:
             bounds = source.row_bounds(block_nnz)
+            if pool is not None and source.encoding == "csr" and len(bounds) > 1:
+                pool.size = max(pool.size, int(np.max(np.diff(source.indptr[bounds]))))
             for lo, hi in itertools.pairwise(bounds):
                 codes = part.codes[lo:hi]
                 if not (codes >= 0).any():
@@ -894,7 +902,8 @@ def _blocks(
     threads, memory = _n_threads(client)
     acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
     budget = 0.25 * memory
-    n_row_parts = int(max(1, min(threads, budget // acc_bytes, max(len(blocks), 1))))
+    # R copies, plus the result the client gathers, within a quarter of the memory
+    n_row_parts = int(max(1, min(threads, budget // acc_bytes - 1, max(len(blocks), 1))))
     if in_process and acc_bytes > BIG_ACCUMULATORS:
         # threads share the blocks for free: cluster ranges only, so the accumulators exist
         # once (a copy per row partition would double the memory and be summed at the end)

@@ -600,22 +600,66 @@ class ShardReader:
     """
 
     def __init__(self, array: Any, chunk: int, blosc: Any) -> None:
+        import threading
+
+        from zarr.storage import LocalStore
+
         self.array, self.chunk, self.blosc = array, chunk, blosc
         self.per_shard = int(array.shards[0]) // chunk
         self.indexes: dict[int, np.ndarray | None] = {}
+        store = array.store_path.store
+        self.root = Path(store.root) if isinstance(store, LocalStore) else None
+        self.scratch = threading.local()  # per-thread buffer for compressed bytes (local files)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "scratch": None}
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state, scratch=threading.local())
 
     @classmethod
     def for_array(cls, array: Any) -> ShardReader | None:
         found = _blosc_shards(array)
         return None if found is None else cls(array, *found)
 
-    def _get(self, shard: int, byte_range: Any = None) -> bytes | None:
+    def _get(self, shard: int, byte_range: Any = None) -> memoryview | None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
         key = _shard_key(self.array, shard)
         buffer = sync(self.array.store_path.store.get(key, default_buffer_prototype(), byte_range))
-        return None if buffer is None else buffer.to_bytes()
+        return None if buffer is None else memoryview(buffer.as_numpy_array())
+
+    def _get_range(self, shard: int, start: int, stop: int) -> memoryview:
+        """Bytes ``start:stop`` of a shard. From a local store they are read with one
+        ``pread`` into a reused per-thread buffer: bytes objects of tens of MB are fresh
+        memory for every read (glibc maps and unmaps them), whose first touch costs more
+        than the read on a VM."""
+        if self.root is None:
+            from zarr.abc.store import RangeByteRequest
+
+            raw = self._get(shard, RangeByteRequest(start, stop))
+            if raw is None or len(raw) != stop - start:
+                msg = f"{self.array.store_path}/{_shard_key(self.array, shard)}: shard shorter than its index says"
+                raise BigcatInputError(msg)
+            return raw
+        size = stop - start
+        buffer = getattr(self.scratch, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = self.scratch.buffer = np.empty(size + size // 8, dtype=np.uint8)
+        view = memoryview(buffer)[:size]
+        path = self.root / _shard_key(self.array, shard)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            n = os.preadv(fd, [view], start)
+        finally:
+            os.close(fd)
+        if n != size:
+            msg = f"{path}: shard shorter than its index says ({n} of {size} bytes at {start})"
+            raise BigcatInputError(msg)
+        return view
 
     def _index(self, shard: int) -> np.ndarray | None:
         if shard not in self.indexes:
@@ -624,6 +668,7 @@ class ShardReader:
 
             size = 16 * self.per_shard
             raw = self._get(shard, SuffixByteRequest(size + 4))
+            raw = None if raw is None else bytes(raw)
             if raw is None:
                 self.indexes[shard] = None  # a shard never written: fill values
             else:
@@ -637,8 +682,6 @@ class ShardReader:
 
     def read(self, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
         """Elements ``lo:hi`` into ``out`` (``hi - lo`` elements of the array's dtype)."""
-        from zarr.abc.store import RangeByteRequest
-
         chunk, per_shard, empty = self.chunk, self.per_shard, np.iinfo(np.uint64).max
         if hi <= lo:
             return out
@@ -647,12 +690,11 @@ class ShardReader:
             c0, c1 = max(first, shard * per_shard), min(last, (shard + 1) * per_shard - 1)
             index = self._index(shard)
             stored = [] if index is None else [c for c in range(c0, c1 + 1) if index[c - shard * per_shard, 0] != empty]
-            raw, base = b"", 0
+            view, base = memoryview(b""), 0
             if stored:
                 rows = index[[c - shard * per_shard for c in stored]]
                 base, end = int(rows[:, 0].min()), int((rows[:, 0] + rows[:, 1]).max())
-                raw = self._get(shard, RangeByteRequest(base, end))
-            view = memoryview(raw)
+                view = self._get_range(shard, base, end)
             for c in range(c0, c1 + 1):
                 s, e = c * chunk, (c + 1) * chunk
                 a, b = max(s, lo), min(e, hi)
