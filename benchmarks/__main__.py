@@ -210,15 +210,13 @@ src = open_source(sys.argv[1])
 x = src.read_rows(0, src.shape[0])
 codes = pd.Categorical(src.obs_column("cluster")).codes.astype(np.int32)
 k = int(codes.max()) + 1
-gene_map = np.arange(src.shape[1], dtype=np.int32)
 halves = [(0, src.shape[0] // 2), (src.shape[0] // 2, src.shape[0])]
-accs = [[np.zeros((k, src.shape[1])), np.zeros((k, src.shape[1])), np.zeros((k, src.shape[1]), np.int32)]
+accs = [[np.zeros((k, src.shape[1])), np.zeros((k, src.shape[1])), np.zeros((k, src.shape[1]), np.uint16)]
         for _ in halves]
 def run(i):
     lo, hi = halves[i]
     p = x.indptr[lo:hi + 1]
-    kernels.fold_csr(x.data, x.indices, p, 0, codes[lo:hi], gene_map, np.zeros(0), False, 0.0, False, False, 0,
-                     *accs[i], np.zeros((0, 0), np.int32))
+    kernels.fold_csr(x.data, x.indices, p, 0, codes[lo:hi], None, None, 0.0, False, False, 0, *accs[i], None)
 run(0)  # compile / warm up (numba cache)
 for a in accs[0]: a[...] = 0
 t = time.perf_counter()

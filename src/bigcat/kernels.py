@@ -10,12 +10,14 @@ Conventions shared by the kernels
 ---------------------------------
 - ``codes[r]``: the accumulator row (cluster) of block row ``r``; ``-1`` skips the row.
 - ``gene_map[c]``: the accumulator column of block column ``c`` (plus ``col_offset``);
-  ``-1`` skips it. Gene subsets and gene-range ownership are both expressed this way.
+  ``-1`` skips it. Gene subsets and gene-range ownership are both expressed this way
+  (``fold_csr`` takes ``None`` for the identity).
 - ``totals[r]``: the cell's total counts for ``normalize`` (log2 CPM); when ``totals`` is
   empty and ``normalize`` is set, the CSR kernel sums the row itself (a CSR row block holds
   whole rows, so no extra pass over the data is needed).
-- Accumulators: ``sums``/``sqr`` float64, ``present``/``nnz`` uint16 or int32 (a 0×0 array when not
-  requested), holding the clusters ``c_lo …`` (an accumulator piece owns a cluster range).
+- Accumulators: ``sums``/``sqr`` float64, ``present``/``nnz`` uint16 or int32 (``fold_csr``:
+  ``None`` when not requested; ``fold_csc``: a 0×0 array), holding the clusters ``c_lo …``
+  (an accumulator piece owns a cluster range).
   ``present`` counts values passing the threshold test, or — when an implicit zero passes
   too (``count_fails``) — the stored values failing it, so cells without a stored value
   never need visiting. (Interleaving the accumulators in one array was measured too: no
@@ -28,7 +30,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["fold_csc", "fold_csr", "row_sums_csr"]
+__all__ = ["fold_csc", "fold_csr", "is_identity", "row_sums_csr"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -65,11 +67,66 @@ def _rows_by_cluster(codes, c_lo, c_hi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _is_identity(gene_map):
+def is_identity(gene_map):
+    """Whether ``gene_map`` keeps every column in order."""
     for k in range(gene_map.size):  # noqa: SIM110 - numba compiles loops, not generators
         if gene_map[k] != k:
             return False
     return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows(acc, c):
+    """Row ``c`` of an accumulator, or ``None`` for one not requested (pruned at compile time)."""
+    if acc is None:
+        return None
+    return acc[c]
+
+
+@numba.njit(nogil=True, cache=True)
+def _n_rows(sums, sqr, present, nnz):
+    n = 0
+    if sums is not None:
+        n = max(n, sums.shape[0])
+    if sqr is not None:
+        n = max(n, sqr.shape[0])
+    if present is not None:
+        n = max(n, present.shape[0])
+    if nnz is not None:
+        n = max(n, nnz.shape[0])
+    return n
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold_row(data, indices, lo, hi, col_offset, gene_map, totals, scale, threshold, op_ge, count_fails, s, q, p, z):
+    """One row's values into one cluster's accumulator rows.
+
+    Every ``is None`` test here is on an argument, so numba drops it at compile time and
+    compiles one loop per combination of requested accumulators, gene map and
+    normalization, with no per-value branches on them; column numbers are unsigned (numba
+    then skips negative-index wraparound; indices were checked when read) and counts are
+    added branch-free. Measured on dataset S (one thread, one 75M-value block): 4.35 ->
+    2.45 ns per value at 50 clusters, 10.1 -> 7.0 at 5,000.
+    """
+    for j in range(lo, hi):
+        if gene_map is None:
+            g = np.uint32(indices[j] + col_offset)
+        else:
+            mapped = gene_map[indices[j] + col_offset]
+            if mapped < 0:
+                continue
+            g = np.uint32(mapped)
+        v = np.float64(data[j])
+        if totals is not None:
+            v = np.log2(v * scale + 1.0)
+        if s is not None:
+            s[g] += v
+        if q is not None:
+            q[g] += v * v
+        if p is not None:
+            p[g] += _passes(v, threshold, op_ge) != count_fails
+        if z is not None:
+            z[g] += v != 0.0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -81,7 +138,6 @@ def fold_csr(
     codes,
     gene_map,
     totals,
-    normalize,
     threshold,
     op_ge,
     count_fails,
@@ -94,53 +150,42 @@ def fold_csr(
     """Accumulate the rows of a CSR block whose cluster is in ``[c_lo, c_lo + len(acc))``
     into the accumulators (row ``c - c_lo``; see the module notes).
 
-    Each row's accumulator rows are taken once as 1-D views, and when every gene is kept in
-    order (``gene_map`` is the identity, the common case) the column goes straight to the
-    accumulator: together 1.4-1.7x faster than indexing 2-D accumulators through the map
-    for every value (measured on dataset S, 50 clusters, one thread: 2.3-2.8 s -> 1.6-1.7 s).
+    ``gene_map`` ``None``: every column kept, in order (the common case). ``totals``
+    ``None``: no normalization; empty: log2 CPM with each row's total summed here; else
+    log2 CPM with these totals. Accumulators not requested are ``None``. Each row's
+    accumulator rows are taken once as 1-D views.
     """
-    do_sum = sums.shape[0] > 0
-    do_sqr = sqr.shape[0] > 0
-    do_present = present.shape[0] > 0
-    do_nnz = nnz.shape[0] > 0
-    c_hi = c_lo + max(sums.shape[0], sqr.shape[0], present.shape[0], nnz.shape[0])
-    inline_totals = totals.size == 0
-    identity = _is_identity(gene_map)
-    no_f = sums[0:0].ravel()
-    no_i = present[0:0].ravel()
+    c_hi = c_lo + _n_rows(sums, sqr, present, nnz)
     for r in _rows_by_cluster(codes, c_lo, c_hi):
         c = codes[r] - c_lo
-        s = sums[c] if do_sum else no_f
-        q = sqr[c] if do_sqr else no_f
-        p = present[c] if do_present else no_i
-        z = nnz[c] if do_nnz else no_i
         lo = indptr[r]
         hi = indptr[r + 1]
         scale = 1.0
-        if normalize:
-            if inline_totals:
+        if totals is not None:
+            if totals.size == 0:
                 total = 0.0
                 for j in range(lo, hi):
                     total += np.float64(data[j])
             else:
                 total = totals[r]
             scale = 1e6 / total if total != 0.0 else 0.0
-        for j in range(lo, hi):
-            if identity:
-                g = indices[j] + col_offset
-            else:
-                g = gene_map[indices[j] + col_offset]
-                if g < 0:
-                    continue
-            v = _value(data[j], scale, normalize)
-            if do_sum:
-                s[g] += v
-            if do_sqr:
-                q[g] += v * v
-            if do_present and _passes(v, threshold, op_ge) != count_fails:
-                p[g] += 1
-            if do_nnz and v != 0.0:
-                z[g] += 1
+        _fold_row(
+            data,
+            indices,
+            lo,
+            hi,
+            col_offset,
+            gene_map,
+            totals,
+            scale,
+            threshold,
+            op_ge,
+            count_fails,
+            _rows(sums, c),
+            _rows(sqr, c),
+            _rows(present, c),
+            _rows(nnz, c),
+        )
 
 
 @numba.njit(nogil=True, cache=True)

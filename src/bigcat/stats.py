@@ -677,17 +677,35 @@ def _fold_task(
     kind, data, indices, indptr, col_offset = block
     if settings.normalize:
         _check_counts(data)
-    kernel = kernels.fold_csr if kind == "csr" else kernels.fold_csc
-    if totals is None:
-        totals = np.zeros(0, dtype=np.float64)
-    kernel(
+    counts = np.dtype(settings.counts)
+    if kind == "csr":
+        identity = kernels.is_identity(gene_map)  # every gene, in order: no map to look up
+        kernels.fold_csr(
+            data,
+            indices,
+            indptr,
+            col_offset,
+            codes,
+            None if identity else gene_map,
+            (np.zeros(0, dtype=np.float64) if totals is None else totals) if settings.normalize else None,
+            settings.threshold,
+            settings.op_ge,
+            settings.count_fails,
+            c_lo,
+            acc.get("sums"),
+            acc.get("sqr_sums"),
+            acc.get("present_counts"),
+            acc.get("nnz"),
+        )
+        return acc
+    kernels.fold_csc(
         data,
         indices,
         indptr,
         col_offset,
         codes,
         gene_map,
-        totals,
+        np.zeros(0, dtype=np.float64) if totals is None else totals,
         settings.normalize,
         settings.threshold,
         settings.op_ge,
@@ -695,8 +713,8 @@ def _fold_task(
         c_lo,
         acc.get("sums", _EMPTY_F),
         acc.get("sqr_sums", _EMPTY_F),
-        acc.get("present_counts", np.zeros((0, 0), settings.counts)),
-        acc.get("nnz", np.zeros((0, 0), settings.counts)),
+        acc.get("present_counts", np.zeros((0, 0), counts)),
+        acc.get("nnz", np.zeros((0, 0), counts)),
     )
     return acc
 
