@@ -116,6 +116,13 @@ def problems(draw):
     return x, labels, threshold, op, normalize, block_nnz, counts
 
 
+def stats_of(path: Path, threshold: float, op: str, normalize: bool, **options):
+    """Every statistic of a drawn problem's file, with its threshold test and normalization."""
+    return cluster_stats(
+        path, stats=ALL, threshold=threshold, present_op=op, normalize="log2cpm" if normalize else None, **options
+    )
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problems())
 def test_blocks_engine_matches_oracle(tmp_path_factory, problem):
@@ -124,14 +131,7 @@ def test_blocks_engine_matches_oracle(tmp_path_factory, problem):
     with pytest.MonkeyPatch.context() as patch:
         # clusters here are small (uint16 counts); int32 is what clusters of > 65,535 cells get
         patch.setattr(stats_module, "count_dtype", lambda _n: np.dtype(counts))
-        result = cluster_stats(
-            path,
-            stats=ALL,
-            threshold=threshold,
-            present_op=op,
-            normalize="log2cpm" if normalize else None,
-            block_nnz=block_nnz,
-        )
+        result = stats_of(path, threshold, op, normalize, block_nnz=block_nnz)
     assert result["present_counts"].dtype == result["nnz"].dtype == np.dtype(counts)
     check(result, oracle(x.toarray(), labels, threshold=threshold, op=op, normalize=normalize))
 
@@ -141,14 +141,7 @@ def test_blocks_engine_matches_oracle(tmp_path_factory, problem):
 def test_groupby_engine_matches_oracle(tmp_path_factory, problem):
     x, labels, threshold, op, normalize, _, _ = problem
     path = write_h5ad(tmp_path_factory.mktemp("p") / "x.h5ad", x, labels)
-    result = cluster_stats(
-        path,
-        stats=ALL,
-        threshold=threshold,
-        present_op=op,
-        normalize="log2cpm" if normalize else None,
-        engine="groupby",
-    )
+    result = stats_of(path, threshold, op, normalize, engine="groupby")
     check(result, oracle(x.toarray(), labels, threshold=threshold, op=op, normalize=normalize))
 
 
