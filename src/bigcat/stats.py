@@ -86,6 +86,11 @@ MAX_BLOCK_NNZ = 1 << 27
 # --------------------------------------------------------------------------------------------
 # Settings and inputs
 # --------------------------------------------------------------------------------------------
+def _acc_dtype(accumulator: str, counts: Any) -> np.dtype:
+    """float64 for sums, else the count dtype ``counts``."""
+    return np.dtype(np.float64 if accumulator in FLOAT_ACCUMULATORS else counts)
+
+
 @dataclass(frozen=True)
 class _Settings:
     """What every kernel call needs besides the block (an opaque literal in the task graph)."""
@@ -98,7 +103,7 @@ class _Settings:
 
     def dtype(self, accumulator: str) -> np.dtype:
         """The dtype of one accumulator."""
-        return np.dtype(np.float64 if accumulator in FLOAT_ACCUMULATORS else self.counts)
+        return _acc_dtype(accumulator, self.counts)
 
     @property
     def count_fails(self) -> bool:
@@ -677,7 +682,6 @@ def _fold_task(
     kind, data, indices, indptr, col_offset = block
     if settings.normalize:
         _check_counts(data)
-    counts = np.dtype(settings.counts)
     if kind == "csr":
         identity = kernels.is_identity(gene_map)  # every gene, in order: no map to look up
         kernels.fold_csr(
@@ -713,8 +717,8 @@ def _fold_task(
         c_lo,
         acc.get("sums", _EMPTY_F),
         acc.get("sqr_sums", _EMPTY_F),
-        acc.get("present_counts", np.zeros((0, 0), counts)),
-        acc.get("nnz", np.zeros((0, 0), counts)),
+        acc.get("present_counts", np.zeros((0, 0), settings.counts)),
+        acc.get("nnz", np.zeros((0, 0), settings.counts)),
     )
     return acc
 
@@ -1323,7 +1327,7 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
         n_cells[where] += ds["n_cells"].values
     names = [a for a in ACCUMULATORS if all(a in ds for ds in loaded)]
     counts = count_dtype(int(n_cells.max()))  # merged counts may need a wider type than any input's
-    dtypes = {a: np.dtype(np.float64) if a in FLOAT_ACCUMULATORS else counts for a in names}
+    dtypes = {a: _acc_dtype(a, counts) for a in names}
     acc = {a: zeros((len(clusters), len(genes)), dtypes[a]) for a in names}
     for ds, where in zip(loaded, rows, strict=True):
         for a in names:
