@@ -124,15 +124,18 @@ for name in ("indptr", "data", "indices"):
 print(n, time.perf_counter() - t)
 """
 
+# into memory allocated as bigcat allocates its read buffers (small pages: steadier and, in
+# the median, faster to first-touch on this VM than NumPy's huge pages; see bigcat.util)
 READ_ZARR_BIGCAT = """
 import sys, time, zarr, numpy as np
 from bigcat.store import ShardReader
+from bigcat.util import small_pages
 t = time.perf_counter()
 x = zarr.open_group(sys.argv[1], mode="r")["X"]
 n = x["indptr"][...].nbytes
 for name in ("data", "indices"):
     a = x[name]
-    n += ShardReader.for_array(a).read(0, a.shape[0], np.empty(a.shape[0], a.dtype)).nbytes
+    n += ShardReader.for_array(a).read(0, a.shape[0], small_pages(a.shape[0], a.dtype)).nbytes
 print(n, time.perf_counter() - t)
 """
 

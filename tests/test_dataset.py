@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pandas as pd
@@ -130,6 +131,81 @@ def test_buffer_pool_reuses_only_released_arrays():
     assert len(sized.take(1000, np.float32).base) == 5000
     assert len(sized.take(6000, np.float32).base) == 6000  # a larger request still fits
     assert pickle.loads(pickle.dumps(sized)).size == 5000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on anonymous mappings")
+def test_small_pages_and_arena(monkeypatch):
+    """Arrays on their own small-page mappings are zero, writable and the base of their
+    views (the pool counts views through them); an arena hands out aligned,
+    non-overlapping pieces until it is full, and again from the start after a reset."""
+    import mmap
+    import pickle
+
+    from bigcat import util
+
+    small = util.small_pages((3, 4), np.float64)  # below the threshold: plain NumPy
+    assert small.flags.owndata
+    assert not small.any()
+    monkeypatch.setattr(util, "SMALL_PAGES_ABOVE", 0)
+    a = util.small_pages((300, 7), np.int32)
+    assert isinstance(a.base, mmap.mmap)
+    assert a.shape == (300, 7)
+    assert a.dtype == np.int32
+    assert not a.any()
+    before = sys.getrefcount(a)
+    view = a[10:20, 3]
+    assert view.base is a
+    assert sys.getrefcount(a) == before + 1
+    a[5, 6] = 9
+    assert pickle.loads(pickle.dumps(a))[5, 6] == 9
+
+    arena = util.PageArena(3 * 4096)
+    first = arena.take(1000, np.float32)
+    second = arena.take((10, 10), np.uint16)
+    assert second.ctypes.data - first.ctypes.data == 4096  # aligned pieces
+    assert not np.shares_memory(first, second)
+    assert first[3:].base is first
+    assert arena.take(4097, np.uint8) is None  # does not fit in what is left
+    first[:] = 1.5
+    second[:] = 7
+    arena.reset()
+    again = arena.take(1024, np.float32)
+    assert np.shares_memory(again, first)
+    assert again[0] == 1.5
+    arena.trim()  # the pages past `again` read as zeros
+    assert not second.any()
+    assert again[999] == 1.5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on anonymous mappings")
+def test_buffer_pool_on_small_pages_and_an_arena(monkeypatch):
+    """Pooled arrays on mappings are reused only once no view of them is left; new ones
+    come from the arena while it has room; release tells whether any is still in use."""
+    from bigcat import util
+    from bigcat.readers import BufferPool
+
+    monkeypatch.setattr(util, "SMALL_PAGES_ABOVE", 0)
+    arena = util.PageArena(2 * 4096)
+    pool = BufferPool(limit=4, size=1024, arena=arena)
+    a = pool.take(1000, np.float32)
+    b = pool.take(1000, np.int32)
+    c = pool.take(1000, np.float32)  # the arena is full: a mapping of its own
+    assert pool.buffers[0].base is arena.memory
+    assert pool.buffers[1].base is arena.memory
+    assert pool.buffers[2].base is not arena.memory
+    assert len(pool.buffers[2]) == 1024
+    assert len({id(x.base) for x in (a, b, c)}) == 3
+    assert not np.shares_memory(a, c)
+    view = a[5:10]
+    del a
+    d = pool.take(1000, np.float32)
+    assert not np.shares_memory(d, view)  # a view of a keeps it busy
+    assert pool.release() is False  # view, b, c and d are alive
+    assert pool.buffers == []
+    pool = BufferPool(limit=4, size=1024, arena=arena)
+    e = pool.take(1000, np.float32)
+    del e
+    assert pool.release() is True
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "sparse"])

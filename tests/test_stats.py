@@ -207,10 +207,26 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
     monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, C = 1
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
     assert decomposition().endswith("as 4 row partitions × 1 cluster ranges")
-    # large accumulators, threads in this process: one copy of them, cluster ranges only
+    # large accumulators, threads in this process: one copy of them, cluster ranges only;
+    # blocks read into an arena in which the float32 statistics are then built
     monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
-    check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
+    arenas = []
+
+    class Spy(stats_module.PageArena):
+        def __init__(self, nbytes: int) -> None:
+            super().__init__(nbytes)
+            arenas.append(self)
+
+    monkeypatch.setattr(stats_module, "PageArena", Spy)
+    result = cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000)
+    check(result, expected)
     assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
+    if sys.platform.startswith("linux"):
+        (arena,) = arenas
+        for name in ("means", "present", "sqr_means", "vars"):
+            values = result[name].variable._data  # computed already, into the arena
+            assert isinstance(values, np.ndarray), name
+            assert values.base is arena.memory, name
 
 
 def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas, monkeypatch):

@@ -38,17 +38,27 @@ class DerivedArray(BackendArray):
         self.shape = next(iter(acc.values())).shape
         self.dtype = np.dtype(np.float32)
 
+    def compute(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole statistic, into ``out`` (float32, the full shape) when given."""
+        return self._basic((slice(None), slice(None)), out)
+
     def __getitem__(self, key: Any) -> np.ndarray:
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC, self._basic)
 
-    def _basic(self, key: tuple) -> np.ndarray:
-        """Basic indexing: a tuple of slices and integers, one per dimension."""
+    def _basic(self, key: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """Basic indexing: a tuple of slices and integers, one per dimension; computed into
+        ``out`` (float32, the selection's 2-D shape) when given."""
         key = tuple(key) + (slice(None),) * (2 - len(key))
         squeeze = tuple(i for i, k in enumerate(key) if not isinstance(k, slice))
         rows, cols = (k if isinstance(k, slice) else slice(int(k), int(k) + 1) for k in key)
         row_ids = np.arange(*rows.indices(self.shape[0]))
         contiguous = rows.step in (None, 1)
-        out = np.empty((len(row_ids), len(range(*cols.indices(self.shape[1])))), dtype=np.float32)
+        shape = (len(row_ids), len(range(*cols.indices(self.shape[1]))))
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            msg = f"out must be float32 of shape {shape}, not {out.dtype} {out.shape}"
+            raise ValueError(msg)
         step = max(1, SLAB_VALUES // max(out.shape[1], 1))
 
         def fill(i: int) -> None:

@@ -34,6 +34,7 @@ from bigcat.errors import (
     InputNotFoundError,
 )
 from bigcat.store import _native, read_marker
+from bigcat.util import PageArena, small_pages
 
 __all__ = ["BufferPool", "MatrixSource", "block_bounds", "open_source"]
 
@@ -169,22 +170,25 @@ class BufferPool:
     over dataset S). :meth:`take` hands out a view of a pooled array that nothing else
     references any more (CPython's reference count: the block, every view of it and every
     matrix built on it keep the array busy), so a buffer is reused exactly when the block
-    it held is gone, whichever task or thread let it go. At most ``limit`` arrays are kept;
-    past that, or for a pickled copy (a pool never travels to other processes), plain new
-    arrays are returned. Drop the pool to free its memory.
+    it held is gone, whichever task or thread let it go. New arrays are pieces of
+    ``arena`` while it has room (see :class:`bigcat.util.PageArena`), else
+    :func:`bigcat.util.small_pages`. At most ``limit`` arrays are kept; past that, or for
+    a pickled copy (a pool never travels to other processes), plain new arrays are
+    returned. Drop the pool to free its memory.
     """
 
-    def __init__(self, limit: int = 16, size: int = 0) -> None:
+    def __init__(self, limit: int = 16, size: int = 0, arena: PageArena | None = None) -> None:
         import threading
 
         self.limit = limit
         #: elements of each new array when the largest block is known (else a little more
         #: than the request): no slack to first-touch, and every buffer fits every block
         self.size = size
+        self.arena = arena
         self.buffers: list[np.ndarray] = []
         self.lock = threading.Lock()
         probe = [np.empty(0)]
-        for buffer in probe:  # the count of an idle buffer, seen from the loop in take()
+        for buffer in probe:  # the count of an idle buffer, seen from a loop over the buffers
             self._idle = sys.getrefcount(buffer)
 
     def __getstate__(self) -> dict:
@@ -201,10 +205,24 @@ class BufferPool:
                 if buffer.dtype == dtype and len(buffer) >= n and sys.getrefcount(buffer) <= self._idle:
                     return buffer[:n]
             # room for every block, or for blocks a little larger than this one
-            buffer = np.empty(max(n, self.size) if self.size else n + n // 8 + 1024, dtype=dtype)
+            size = max(n, self.size) if self.size else n + n // 8 + 1024
+            buffer = self.arena.take(size, dtype) if self.arena is not None else None
+            if buffer is None:
+                buffer = small_pages(size, dtype)
             if len(self.buffers) < self.limit:
                 self.buffers.append(buffer)
             return buffer[:n]
+
+    def release(self) -> bool:
+        """Forget every buffer; whether none of them was still in use (by a block, a view
+        of one or a matrix built on one) — only then may the arena's memory be reused."""
+        with self.lock:
+            for buffer in self.buffers:
+                if sys.getrefcount(buffer) > self._idle:
+                    self.buffers.clear()
+                    return False
+            self.buffers.clear()
+            return True
 
 
 class MatrixSource:
@@ -505,7 +523,7 @@ class MatrixSource:
                 x["indices"].read_direct(indices, np.s_[lo:hi], np.s_[0 : hi - lo])
         elif self.container == "zarr" and (buffers is None or hi - lo <= min(len(b) for b in buffers)):
             if buffers is None:
-                buffers = (np.empty(hi - lo, x["data"].dtype), np.empty(hi - lo, x["indices"].dtype))
+                buffers = (small_pages(hi - lo, x["data"].dtype), small_pages(hi - lo, x["indices"].dtype))
             data, indices = buffers[0][: hi - lo], buffers[1][: hi - lo]
             self._read_zarr(x, "data", lo, hi, data)
             self._read_zarr(x, "indices", lo, hi, indices)
@@ -589,7 +607,7 @@ class MatrixSource:
             size = int(np.max(self.indptr[bounds[1:]] - self.indptr[bounds[:-1]]))
             x = self._root()["X"]
             ring = [
-                (np.empty(size, dtype=self.dtype), np.empty(size, dtype=np.dtype(x["indices"].dtype).newbyteorder("=")))
+                (small_pages(size, self.dtype), small_pages(size, np.dtype(x["indices"].dtype).newbyteorder("=")))
                 for _ in range(REUSE_BUFFERS)
             ]
         for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):

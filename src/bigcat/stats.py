@@ -41,7 +41,7 @@ import scipy.sparse as sp
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.readers import BLOCK_NNZ, BufferPool, MatrixSource, block_bounds, open_source
-from bigcat.util import release_free_memory
+from bigcat.util import PageArena, release_free_memory, small_pages
 
 __all__ = [
     "DEFAULT_STATS",
@@ -375,8 +375,9 @@ def cluster_stats(
         mean fewer sweeps (measured at 5,000 clusters, user CPU time of the pass, reading
         included: 32M-value blocks 7.3 s, 64M 6.1–6.6 s, 128M 5.4–5.7 s). The two blocks
         in flight then take about 3/4 of the accumulators' memory — about the size of the
-        float32 statistics, which are built after the pass in the pages the blocks leave
-        free. At 50 clusters 8 million is fastest.
+        float32 statistics, which are then built in the very memory the blocks were read
+        into (one mapping: :class:`bigcat.util.PageArena`). At 50 clusters 8 million is
+        fastest.
     progress
         Show a progress bar (``None``: only on a terminal).
     storage_options
@@ -391,8 +392,11 @@ def cluster_stats(
         over disjoint cells merge exactly (:func:`merge_stats`); and a float32 variable per
         requested statistic, computed from the accumulators when read (xarray lazily
         indexed arrays: a slice computes only that slice) — ``.load()`` materializes them.
-        Only clusters with at least one selected cell appear. ``attrs`` record the inputs
-        and options.
+        When the accumulators exceed 512 MB and the pass ran in this process, the
+        statistics are computed at the end of the pass instead, into the memory its blocks
+        were read into (already touched, so faster than fresh memory; the peak is the
+        same). Only clusters with at least one selected cell appear. ``attrs`` record the
+        inputs and options.
 
     Raises
     ------
@@ -485,12 +489,16 @@ def cluster_stats(
         counts=count_dtype(int(n_cells.max())).name,
     )
     client = _default_client(client)
+    spare = None
     if block_nnz is None:
         in_process = client is None or _inproc(client)
         block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings, in_process)
     try:
         if engine == "blocks":
-            acc = _blocks(parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress)
+            n_derived = sum(s in ("means", "sqr_means", "present", "vars") for s in stats)
+            acc, spare = _blocks(
+                parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress, n_derived
+            )
         else:
             acc = _groupby(parts, len(clusters), gene_index, settings, client)
     except _NegativeValuesError as error:
@@ -521,7 +529,7 @@ def cluster_stats(
                 ", ".join(p.name for p in parts),
                 bad,
             )
-    return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs)
+    return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs, spare)
 
 
 def count_dtype(max_cells: int) -> np.dtype:
@@ -592,12 +600,18 @@ def _default_client(client: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Finishing: accumulators → statistics
 # --------------------------------------------------------------------------------------------
-def _derive(acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str]) -> dict:
-    """The float32 statistics as lazily computed arrays over the in-memory accumulators.
+def _derive(
+    acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str], spare: PageArena | None = None
+) -> dict:
+    """The float32 statistics over the in-memory accumulators.
 
-    They are elementwise and cheap, so they are computed when read (``.values``,
-    ``.load()``, ``write_stats``, or any slice of them, which computes only that slice); the
-    result of :func:`cluster_stats` then costs only its accumulators' memory.
+    They are elementwise and cheap, so by default they are lazily computed arrays,
+    computed when read (``.values``, ``.load()``, ``write_stats``, or any slice of them,
+    which computes only that slice); the result of :func:`cluster_stats` then costs only
+    its accumulators' memory. With ``spare`` memory (the blocks engine's read buffers,
+    free once the pass is over) they are computed now into pieces of it: those pages are
+    already touched, whereas the statistics' own fresh memory cost 0.4–2 s more at 5,000
+    clusters on this machine.
     """
     from xarray.core import indexing
 
@@ -605,11 +619,15 @@ def _derive(acc: dict[str, np.ndarray], n_cells: np.ndarray, stats: Sequence[str
 
     if not acc:
         return {}
-    return {
-        name: indexing.LazilyIndexedArray(DerivedArray(name, acc, n_cells))
-        for name in stats
-        if name in ("means", "sqr_means", "present", "vars")
-    }
+    derived: dict = {}
+    for name in stats:
+        if name in ("means", "sqr_means", "present", "vars"):
+            array = DerivedArray(name, acc, n_cells)
+            out = spare.take(array.shape, np.float32) if spare is not None else None
+            derived[name] = array.compute(out) if out is not None else indexing.LazilyIndexedArray(array)
+    if spare is not None:
+        spare.trim()  # pages the blocks touched beyond the statistics go back to the system
+    return derived
 
 
 def _result(
@@ -619,10 +637,11 @@ def _result(
     genes: pd.Index,
     stats: Sequence[str],
     attrs: dict,
+    spare: PageArena | None = None,
 ) -> Any:
     import xarray as xr
 
-    derived = _derive(acc, n_cells, stats)
+    derived = _derive(acc, n_cells, stats, spare)
     variables = {"n_cells": (("cluster",), np.asarray(n_cells, dtype=np.int64))}
     for name in stats:
         if name in derived:
@@ -641,14 +660,12 @@ def _result(
 # The blocks engine
 # --------------------------------------------------------------------------------------------
 def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zero-filled array whose pages are touched now, through ``np.empty``.
+    """A zero-filled accumulator on :func:`bigcat.util.small_pages`, touched now, in order.
 
-    ``np.zeros`` takes lazily-zeroed pages from ``calloc`` without asking for transparent
-    huge pages; first touching them one 4 kB page fault at a time is measured here at
-    ~1.8 s/GB, against ~0.1 s/GB for ``np.empty`` (which NumPy madvises for huge pages)
-    followed by ``fill(0)``: at 5,000 clusters that is seconds per GB of accumulator.
+    Left to be first touched where the kernel accumulates (scattered, on two threads at
+    once), the 5,000-cluster pass spent 14–17 s of system time instead of 4–5 s.
     """
-    out = np.empty(shape, dtype=dtype)
+    out = small_pages(shape, dtype)
     out.fill(0)
     return out
 
@@ -905,16 +922,26 @@ def _blocks(
     client: Any,
     block_nnz: int,
     progress: bool | None,
-) -> dict:
+    n_derived: int = 0,
+) -> tuple[dict, PageArena | None]:
+    """The accumulators, and memory the ``n_derived`` float32 statistics may be built in
+    (``None``: none to spare)."""
     from dask.base import tokenize
 
     n_out = len(gene_index)
     token = tokenize([p.name for p in parts], [p.codes for p in parts], gene_index, settings, block_nnz, os.getpid())
     graph: dict = {}
     in_process = client is None or _inproc(client)
+    acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
     # in this process, blocks are read into reused arrays (a pool never travels to workers)
     pool = BufferPool() if in_process else None
     blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool)
+    arena = None
+    if pool is not None and acc_bytes > BIG_ACCUMULATORS and n_derived:
+        # with large accumulators, the blocks are read into the memory the float32
+        # statistics take after the pass (room for either; what neither uses is never touched)
+        in_flight = LOOKAHEAD * pool.size * 16  # data and indices of at most 8 bytes each
+        arena = pool.arena = PageArena(max(n_derived * n_clusters * n_out * 4, in_flight) + 8 * PageArena.ALIGN)
     if client is not None:
         from bigcat.cluster import check_visible
 
@@ -922,7 +949,6 @@ def _blocks(
 
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
     threads, memory = _n_threads(client)
-    acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
     budget = 0.25 * memory
     # R copies, plus the result the client gathers, within a quarter of the memory
     n_row_parts = int(max(1, min(threads, budget // acc_bytes - 1, max(len(blocks), 1))))
@@ -952,10 +978,9 @@ def _blocks(
     gene_map[gene_index] = np.arange(n_out, dtype=np.int32)
 
     # -- preallocated results (in-process, chain 0 of each range accumulates into them) -----------
-    # np.empty: in-process, each range's init task zeroes its own rows, so first touching
-    # fresh memory (slow on some VMs) runs in parallel, one range per thread; with a client,
-    # every range's result is copied in
-    out = {name: np.empty((n_clusters, n_out), settings.dtype(name)) for name in settings.accumulators}
+    # untouched pages: in-process, each range's init task touches its own rows (see zeros);
+    # with a client, every range's result is copied in
+    out = {name: small_pages((n_clusters, n_out), settings.dtype(name)) for name in settings.accumulators}
 
     final_keys = []
     chains: dict[tuple[int, int], str] = {}
@@ -1004,9 +1029,14 @@ def _blocks(
         graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
     _run(graph, final_keys, client, progress, out, edges)
-    del graph, blocks, pool
+    del graph, blocks
+    # the arena's pages are the statistics' once no block is left in them
+    spare = arena if arena is not None and pool is not None and pool.release() else None
+    if spare is not None:
+        spare.reset()
+    del pool
     release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
-    return out
+    return out, spare
 
 
 def _run(
