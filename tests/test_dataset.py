@@ -178,6 +178,28 @@ def test_small_pages_and_arena(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on anonymous mappings")
+def test_prefault_touches_without_writing(monkeypatch):
+    import mmap
+    from pathlib import Path
+
+    from bigcat import util
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
+
+    monkeypatch.setattr(util, "SMALL_PAGES_ABOVE", 0)
+    a = util.small_pages((256, 4096), np.float64)  # 8 MB of untouched zero pages
+    a[3, 5] = 2.5
+    before = resident()
+    assert util.prefault(a[1:-1])  # rows 1…254: whole pages, reaching into rows 0 and 255
+    assert resident() - before >= 7 * 2**20  # now resident
+    assert a[3, 5] == 2.5
+    assert np.count_nonzero(a) == 1
+    assert not util.prefault(a[:, ::2])  # not contiguous: the caller fills it instead
+    assert not util.prefault(a[:0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on anonymous mappings")
 def test_buffer_pool_on_small_pages_and_an_arena(monkeypatch):
     """Pooled arrays on mappings are reused only once no view of them is left; new ones
     come from the arena while it has room; release tells whether any is still in use."""

