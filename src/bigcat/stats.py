@@ -69,6 +69,8 @@ NEEDS = {
     "nnz": ("nnz",),
 }
 ACCUMULATORS = ("sums", "sqr_sums", "present_counts", "nnz")
+#: the float32 statistics derived from the accumulators (the others are accumulators themselves)
+DERIVED = ("means", "present", "sqr_means", "vars")
 #: float accumulators; the counts (``present_counts``, ``nnz``) take :func:`count_dtype`
 FLOAT_ACCUMULATORS = ("sums", "sqr_sums")
 #: fan-in of the tree that sums row-partition accumulators
@@ -495,7 +497,7 @@ def cluster_stats(
         block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings, in_process)
     try:
         if engine == "blocks":
-            n_derived = sum(s in ("means", "sqr_means", "present", "vars") for s in stats)
+            n_derived = sum(s in DERIVED for s in stats)
             acc, spare = _blocks(
                 parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress, n_derived
             )
@@ -630,7 +632,7 @@ def _derive(
         return {}
     derived: dict = {}
     for name in stats:
-        if name in ("means", "sqr_means", "present", "vars"):
+        if name in DERIVED:
             array = DerivedArray(name, acc, n_cells)
             out = spare.take(array.shape, np.float32) if spare is not None else None
             derived[name] = array.compute(out) if out is not None else indexing.LazilyIndexedArray(array)
@@ -1312,7 +1314,7 @@ def _read_stats_table(path: str, storage_options: dict | None) -> Any:
             continue
         values = np.asarray(table.column(name))
         # CSV has no types: the derived statistics are float32 (as written), the rest as parsed
-        dtype = np.float32 if name in ("means", "present", "sqr_means", "vars") else values.dtype
+        dtype = np.float32 if name in DERIVED else values.dtype
         out = np.empty(shape, dtype=dtype)
         out[rows, cols] = values
         variables[name] = (("cluster", "gene"), out)
