@@ -91,6 +91,13 @@ def release_free_memory() -> bool:
     return True
 
 
+def _layout(shape: int | tuple[int, ...], dtype: Any) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, the shape as a tuple and the size in bytes of an array to allocate."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
+    return dtype, shape, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
 def _small_page_map(nbytes: int) -> mmap.mmap:
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_NOHUGEPAGE)
@@ -112,9 +119,7 @@ def small_pages(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     The array is the base of every view of it (the mapping is its buffer), so
     ``sys.getrefcount`` on it counts its views (see ``bigcat.readers.BufferPool``).
     """
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dtype, shape, nbytes = _layout(shape, dtype)
     if nbytes < SMALL_PAGES_ABOVE or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.zeros(shape, dtype)
     return np.ndarray(shape, dtype, buffer=_small_page_map(nbytes))
@@ -170,10 +175,9 @@ class PageArena:
     def take(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray | None:
         """The next piece of ``shape`` and ``dtype`` (contents undefined), or ``None`` when
         it does not fit in what is left."""
-        dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
+        dtype, shape, nbytes = _layout(shape, dtype)
         start = -(-self.used // self.ALIGN) * self.ALIGN
-        end = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        end = start + nbytes
         if self.memory is None or end > self.nbytes:
             return None
         self.used = end
