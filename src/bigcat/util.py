@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import mmap
 import queue
@@ -80,10 +79,11 @@ def release_free_memory() -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        trim = libc.malloc_trim
+        # the C library already loaded in this process: ``ctypes.util.find_library`` would
+        # run ``ldconfig -p`` as a child process, forked from a process that may hold
+        # gigabytes (process-tree memory monitors then count them twice)
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # musl and others: nothing to do
         return False
     trim.argtypes = [ctypes.c_size_t]
