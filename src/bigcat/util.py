@@ -77,14 +77,8 @@ def release_free_memory() -> bool:
     adds to them instead of reusing them. ``malloc_trim(0)`` returns every free page of
     every arena. Returns whether it ran (only glibc has it).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        # the C library already loaded in this process: ``ctypes.util.find_library`` would
-        # run ``ldconfig -p`` as a child process, forked from a process that may hold
-        # gigabytes (process-tree memory monitors then count them twice)
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # musl and others: nothing to do
+    trim = _libc_function("malloc_trim")
+    if trim is None:  # not Linux, or musl and others: nothing to do
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
@@ -125,13 +119,24 @@ def small_pages(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.ndarray(shape, dtype, buffer=_small_page_map(nbytes))
 
 
-@functools.cache
-def _madvise() -> Any:
+def _libc_function(name: str) -> Any:
+    """A function of the C library already loaded in this process (Linux), or ``None``.
+
+    Not ``ctypes.util.find_library``: it runs ``ldconfig -p`` as a child process, forked
+    from a process that may hold gigabytes (process-tree memory monitors count them twice).
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def _madvise() -> Any:
+    function = _libc_function("madvise")
+    if function is None:
         return None
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     function.restype = ctypes.c_int
