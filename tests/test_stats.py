@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 import bigcat
 from bigcat import derived as derived_module
 from bigcat import stats as stats_module
+from bigcat.cluster import Capacity
 from bigcat.errors import BigcatInputError
 from bigcat.stats import STATISTICS, cluster_stats, merge_stats, read_stats, write_stats
 from conftest import dense
@@ -193,6 +195,33 @@ def test_subsets_threshold_and_gene_order(stores, atlas):
     np.testing.assert_allclose(by_name["sums"].values, raw["sums"])
 
 
+@pytest.mark.parametrize(
+    ("capacity", "acc_bytes", "blocks", "in_process", "expected"),
+    [
+        # 20 workers an adaptive deploy will have (none connected yet): a chain for each
+        (Capacity(workers=20, threads=1, memory=2_000_000_000), 10_000_000, 300, False, (20, 1)),
+        (Capacity(workers=4, threads=8, memory=64_000_000_000), 10_000_000, 300, False, (32, 1)),
+        # fewer blocks than threads: the rest of the threads split the clusters
+        (Capacity(workers=4, threads=2, memory=64_000_000_000), 10_000_000, 3, False, (3, 2)),
+        # 3 GB of accumulators, 2 GB workers: pieces of ≤ 0.5 GB, one row partition
+        (Capacity(workers=2, threads=1, memory=2_000_000_000), 3_000_000_000, 300, False, (1, 6)),
+        # ... on 10 such workers: a quarter of their memory holds one copy
+        (Capacity(workers=10, threads=2, memory=2_000_000_000), 3_000_000_000, 300, False, (1, 20)),
+        # in this process: R copies within a quarter of the memory, R = 1 above 512 MB
+        (Capacity(workers=1, threads=2, memory=24_000_000_000), 10_000_000, 300, True, (2, 1)),
+        (Capacity(workers=1, threads=2, memory=24_000_000_000), 3_000_000_000, 300, True, (1, 2)),
+    ],
+)
+def test_decomposition_gives_every_planned_thread_a_share(capacity, acc_bytes, blocks, in_process, expected):
+    rows, ranges = stats_module._decompose(capacity, acc_bytes, blocks, 5000, in_process)
+    assert (rows, ranges) == expected
+    if not in_process:
+        assert rows * ranges >= capacity.workers  # no worker left idle
+        assert acc_bytes / ranges <= 0.25 * capacity.memory  # a piece fits one worker
+        if rows > 1:  # copies only where the workers' memory holds them
+            assert rows * acc_bytes <= 0.25 * capacity.memory * capacity.workers
+
+
 def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch, caplog):
     """Force the many-clusters decomposition (one row partition × 4 cluster ranges) and the
     few-clusters one (4 row partitions summed by a tree)."""
@@ -202,10 +231,10 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
         return next(r.getMessage() for r in reversed(caplog.records) if "row partitions" in r.getMessage())
 
     caplog.set_level("INFO", logger="bigcat")
-    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1))  # tiny budget → R = 1, C = 4
+    monkeypatch.setattr(stats_module, "_capacity", lambda client: Capacity(1, 4, 1))  # tiny budget → R = 1, C = 4
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
     assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
-    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (4, 1 << 40))  # R = 4, C = 1
+    monkeypatch.setattr(stats_module, "_capacity", lambda client: Capacity(1, 4, 1 << 40))  # R = 4, C = 1
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
     assert decomposition().endswith("as 4 row partitions × 1 cluster ranges")
     # large accumulators, threads in this process: one copy of them, cluster ranges only;
@@ -473,8 +502,8 @@ def test_remote_scheduler(dask_scheduler, stores, atlas, monkeypatch, budget, en
     """The same code path on a real `dask scheduler` + `dask worker` pair on 127.0.0.1."""
     from distributed import Client
 
-    real = stats_module._n_threads
-    monkeypatch.setattr(stats_module, "_n_threads", lambda client: (real(client)[0] * 2, budget))
+    real = stats_module._capacity
+    monkeypatch.setattr(stats_module, "_capacity", lambda client: replace(real(client), threads=2, memory=budget))
     with Client(dask_scheduler) as client:
         result = cluster_stats(
             stores["sparse"], stats=ALL, normalize="log2cpm", block_nnz=50_000, client=client, engine=engine

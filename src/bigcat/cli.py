@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input or usage, 130 interrupted.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -562,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     _state["debug"] = "--debug" in argv
+    previous = _terminate_like_ctrl_c()
     try:
         code = app(args=argv, prog_name="bigcat", standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C into Exit(130), returned in non-standalone mode
@@ -611,7 +613,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"bigcat: error: storage: {type(error).__name__}: {_one_line(error)}", err=True)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate_like_ctrl_c() -> Any:
+    """SIGTERM (``kill``, a batch system ending the job) unwinds like Ctrl-C, so clusters
+    bigcat started are shut down (their worker jobs cancelled) and partial outputs removed.
+    Returns the previous handler (``None`` off the main thread, where none can be set)."""
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 def entry_point() -> None:

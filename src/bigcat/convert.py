@@ -121,11 +121,13 @@ def convert(
             first = writer.rows_written
             bar.update(first)
             if client is not None and source.encoding == "csr" and hasattr(writer, "copy_csr") and not first:
-                from bigcat.cluster import check_visible
+                from bigcat.cluster import capacity, check_visible, use_workers
 
-                check_visible(client, [source.path] + ([] if is_url(output) else [Path(output).resolve().parent]))
-                bar.total, bar.unit = source.nnz, "values"
-                writer.copy_csr(source, client, progress=lambda lo: bar.update(min(shard_values, source.nnz - lo)))
+                n_tasks = -(-source.nnz // writer.shard) if source.nnz else 1
+                with use_workers(client, min(n_tasks, capacity(client).workers), what="the parallel copy"):
+                    check_visible(client, [source.path] + ([] if is_url(output) else [Path(output).resolve().parent]))
+                    bar.total, bar.unit = source.nnz, "values"
+                    writer.copy_csr(source, client, progress=lambda lo: bar.update(min(shard_values, source.nnz - lo)))
             else:
                 if client is not None:
                     log.info("%s: %s X streams through this process (no parallel copy)", input, source.encoding)

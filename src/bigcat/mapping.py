@@ -102,9 +102,13 @@ def _run_blocks(function: Any, bounds: np.ndarray, shared: Any, client: Any, *ar
 
     pairs = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
     if client is not None:
-        [handle] = client.scatter([shared], broadcast=True, hash=False)
-        futures = [client.submit(function, handle, a, b, *args, pure=False) for a, b in pairs]
-        return client.gather(futures)
+        from bigcat.cluster import capacity, use_workers
+
+        # the workers the cluster will have have joined before the profiles are broadcast
+        with use_workers(client, min(capacity(client).workers, max(len(pairs), 1)), what="mapping"):
+            [handle] = client.scatter([shared], broadcast=True, hash=False)
+            futures = [client.submit(function, handle, a, b, *args, pure=False) for a, b in pairs]
+            return client.gather(futures)
     handle = dask.delayed(shared, traverse=False)
     tasks = [dask.delayed(function, pure=False)(handle, a, b, *args) for a, b in pairs]
     return list(dask.compute(*tasks, scheduler="threads"))

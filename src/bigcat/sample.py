@@ -183,9 +183,6 @@ def sample(
         ):
             genes_kept = None if len(gene_index) == source.shape[1] else gene_index
             if client is not None and source.encoding != "csc":
-                from bigcat.cluster import check_visible
-
-                check_visible(client, [source.path])
                 parts = _parts_on_cluster(source, cell_index, genes_kept, client)
             else:
                 parts = (
@@ -217,18 +214,24 @@ def _parts_on_cluster(source: MatrixSource, rows: np.ndarray, genes: np.ndarray 
     """Subset blocks computed by the workers, yielded in row order with a bounded number in flight."""
     from collections import deque
 
-    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()) or 1
-    pending: deque = deque()
-    for start, stop in itertools.pairwise(source.row_bounds(BLOCK_NNZ)):
-        lo, hi = np.searchsorted(rows, [start, stop])
-        if hi == lo:
-            continue
-        first, last = int(rows[lo]), int(rows[hi - 1]) + 1
-        pending.append(client.submit(_read_subset, source, first, last, rows[lo:hi], genes, pure=False))
-        if len(pending) >= 2 * threads:
+    from bigcat.cluster import capacity, check_visible, use_workers
+
+    bounds = source.row_bounds(BLOCK_NNZ)
+    cap = capacity(client)  # what the cluster will have, not only what has joined yet
+    with use_workers(client, min(cap.workers, max(len(bounds) - 1, 1)), what="sampling") as joined:
+        check_visible(client, [source.path])
+        threads = cap.threads * max(joined, 1)
+        pending: deque = deque()
+        for start, stop in itertools.pairwise(bounds):
+            lo, hi = np.searchsorted(rows, [start, stop])
+            if hi == lo:
+                continue
+            first, last = int(rows[lo]), int(rows[hi - 1]) + 1
+            pending.append(client.submit(_read_subset, source, first, last, rows[lo:hi], genes, pure=False))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def _blocks_with(source: MatrixSource, rows: np.ndarray):

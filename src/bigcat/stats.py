@@ -27,13 +27,14 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,9 @@ import scipy.sparse as sp
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.readers import BLOCK_NNZ, BufferPool, MatrixSource, block_bounds, open_source
 from bigcat.util import PageArena, prefault, release_free_memory, small_pages
+
+if TYPE_CHECKING:
+    from bigcat.cluster import Capacity
 
 __all__ = [
     "DEFAULT_STATS",
@@ -906,24 +910,35 @@ def _plan_blocks(
     return blocks
 
 
-def _n_threads(client: Any) -> tuple[int, int]:
-    """Total worker threads and the memory (bytes) the accumulators may take."""
-    import psutil
+def _capacity(client: Any) -> Capacity:
+    """What the run can plan for (see :func:`bigcat.cluster.capacity`)."""
+    from bigcat.cluster import capacity
 
-    if client is not None:
-        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
-        workers = info.get("workers", {}).values()
-        threads = sum(w.get("nthreads", 1) for w in workers) or 1
-        memory = sum(w.get("memory_limit", 0) or 0 for w in workers) or psutil.virtual_memory().total
-        return threads, memory
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores, psutil.virtual_memory().total
+    return capacity(client)
 
 
-def _accepts_n_workers(client: Any) -> bool:
-    import inspect
+def _decompose(cap: Capacity, acc_bytes: int, n_blocks: int, n_clusters: int, in_process: bool) -> tuple[int, int]:
+    """R row partitions × C cluster ranges for accumulators of ``acc_bytes``.
 
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    In this process the threads share memory: R copies, plus the result, within a quarter
+    of it, and with large accumulators R = 1 (threads split the clusters instead, so the
+    accumulators exist once). On a cluster, every piece (its clusters × all genes) must fit
+    a quarter of *one worker's* memory, the R copies a quarter of all workers' memory, and
+    R × C gives every thread the cluster will have a chain of its own.
+    """
+    n_blocks = max(n_blocks, 1)
+    if in_process:
+        budget = 0.25 * cap.memory
+        rows = int(max(1, min(cap.threads, budget // acc_bytes - 1, n_blocks)))
+        if acc_bytes > BIG_ACCUMULATORS:
+            rows = 1
+        return rows, int(max(1, min(cap.threads // rows, n_clusters)))
+    budget = 0.25 * cap.memory
+    slots = cap.total_threads
+    ranges_needed = max(1, math.ceil(acc_bytes / budget))
+    rows = int(max(1, min(slots // ranges_needed, (budget * cap.workers) // acc_bytes, n_blocks)))
+    ranges = max(ranges_needed, slots // rows)
+    return rows, int(max(1, min(ranges, n_clusters)))
 
 
 def _blocks(
@@ -955,21 +970,9 @@ def _blocks(
         # statistics take after the pass (room for either; what neither uses is never touched)
         in_flight = LOOKAHEAD * pool.size * 16  # data and indices of at most 8 bytes each
         arena = pool.arena = PageArena(max(n_derived * n_clusters * n_out * 4, in_flight) + 8 * PageArena.ALIGN)
-    if client is not None:
-        from bigcat.cluster import check_visible
-
-        check_visible(client, [p.source.path for p in parts if p.source is not None])
-
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
-    threads, memory = _n_threads(client)
-    budget = 0.25 * memory
-    # R copies, plus the result the client gathers, within a quarter of the memory
-    n_row_parts = int(max(1, min(threads, budget // acc_bytes - 1, max(len(blocks), 1))))
-    if in_process and acc_bytes > BIG_ACCUMULATORS:
-        # threads share the blocks for free: cluster ranges only, so the accumulators exist
-        # once (a copy per row partition would double the memory and be summed at the end)
-        n_row_parts = 1
-    n_ranges = int(max(1, min(threads // n_row_parts, n_clusters)))
+    cap = _capacity(client)
+    n_row_parts, n_ranges = _decompose(cap, acc_bytes, len(blocks), n_clusters, in_process)
     all_codes = np.concatenate([p.codes for p in parts])
     n_cells = np.bincount(all_codes[all_codes >= 0], minlength=n_clusters).astype(np.int64)
     # cluster ranges holding about the same number of cells (cluster sizes are very skewed)
@@ -987,6 +990,14 @@ def _blocks(
         n_row_parts,
         n_ranges,
     )
+    if client is not None and not in_process:
+        log.info(
+            "planned for %d workers × %d threads, %.2f GB each (%d connected now)",
+            cap.workers,
+            cap.threads,
+            cap.memory / 1e9,
+            cap.present,
+        )
     gene_map = np.full(n_genes_total, -1, dtype=np.int32)
     gene_map[gene_index] = np.arange(n_out, dtype=np.int32)
 
@@ -1041,7 +1052,9 @@ def _blocks(
         key = f"bigcat-final-{token}-{c}"
         graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
-    _run(graph, final_keys, client, progress, out, edges)
+    workers = min(cap.workers, math.ceil(n_row_parts * n_ranges / cap.threads))
+    inputs = [p.source.path for p in parts if p.source is not None]
+    _run(graph, final_keys, client, progress, out, edges, workers=workers, inputs=inputs)
     del graph, blocks
     # the arena's pages are the statistics' once no block is left in them
     spare = arena if arena is not None and pool is not None and pool.release() else None
@@ -1059,8 +1072,14 @@ def _run(
     progress: bool | None,
     out: dict,
     edges: np.ndarray,
+    *,
+    workers: int = 1,
+    inputs: Sequence[Any] = (),
 ) -> None:
-    """Execute the graph on the configured scheduler; place each cluster range's result."""
+    """Execute the graph on the configured scheduler; place each cluster range's result.
+
+    On a cluster, the ``workers`` the plan counted on are asked for and waited for first
+    (:func:`bigcat.cluster.use_workers`), and the ``inputs`` checked from them."""
     from bigcat.progress import progress_bar
 
     def place(c: int, piece: dict) -> None:
@@ -1089,21 +1108,25 @@ def _run(
                 else:
                     from dask.threaded import get
 
-                    results = get(graph, final_keys, num_workers=_n_threads(None)[0])
+                    results = get(graph, final_keys, num_workers=_capacity(None).threads)
             for c, acc in enumerate(results):
                 place(c, acc)
             return
         from distributed import as_completed
 
-        # futures on the (tiny) per-block tokens drive the progress bar
-        futures = client.get(graph, [*final_keys, *tokens], sync=False)
-        position = {f.key: c for c, f in enumerate(futures[: len(final_keys)])}
-        for future in as_completed(futures):
-            if future.key in position:
-                place(position[future.key], future.result())
-            else:
-                bar.update(1)
-            future.release()
+        from bigcat.cluster import check_visible, use_workers
+
+        with use_workers(client, workers, what="cluster statistics"):
+            check_visible(client, list(inputs))
+            # futures on the (tiny) per-block tokens drive the progress bar
+            futures = client.get(graph, [*final_keys, *tokens], sync=False)
+            position = {f.key: c for c, f in enumerate(futures[: len(final_keys)])}
+            for future in as_completed(futures):
+                if future.key in position:
+                    place(position[future.key], future.result())
+                else:
+                    bar.update(1)
+                future.release()
 
 
 def _inproc(client: Any) -> bool:
