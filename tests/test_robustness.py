@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import bigcat
 from bigcat.cli import killed_worker_message, main
 from bigcat.errors import BigcatInputError, BigcatOutputExistsError
-from test_stats import check, oracle
+from oracles import check, oracle
 
 SHARD = 1 << 14  # small shards: many checkpoints on a small file
 BIGCAT = [sys.executable, "-m", "bigcat"]

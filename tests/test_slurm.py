@@ -151,7 +151,7 @@ def test_convert_and_sample_on_an_adaptive_cluster_use_every_worker(slurm, store
     assert len(copies) == 2, copies
     assert len(samples) == 2, samples
     expected = ad.read_h5ad(source).X
-    assert (ad.read_zarr(copy).X != expected).nnz == 0
+    assert (expected != ad.read_zarr(copy).X).nnz == 0
     local = bigcat.sample(copy, tmp_path / "local.zarr", cells=0.5, seed=2, progress=False)
     assert (ad.read_zarr(tmp_path / "sample.zarr").X != ad.read_zarr(local).X).nnz == 0
 

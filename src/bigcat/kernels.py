@@ -30,7 +30,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["fold_csc", "fold_csr", "is_identity", "row_sums_csr"]
+__all__ = ["check_compressed", "check_shard", "fold_csc", "fold_csr", "is_identity", "row_sums_csr"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -252,3 +252,67 @@ def row_sums_csr(data, indptr):
             total += np.float64(data[j])
         out[r] = total
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def check_compressed(indices, indptr, bound):
+    """Structure of a compressed (CSR/CSC) block in one pass over ``indices``.
+
+    Returns ``(bad, unsorted)``: the position of the first index outside ``[0, bound)``
+    and the first major row (column for CSC) whose indices are not strictly increasing
+    (unsorted, or a duplicated entry), each ``-1`` when there is none. The block is
+    canonical when the only descents of ``indices`` are where a row starts: one
+    branch-free count over the whole block (which the compiler vectorizes) against an
+    O(rows) count at the row starts; then only each row's first and last index can be
+    out of range. Other blocks are checked row by row.
+    """
+    base = indptr[0]
+    n = indices.size
+    descents = 0
+    for k in range(1, n):
+        descents += indices[k] <= indices[k - 1]
+    at_starts = 0
+    for r in range(1, indptr.size - 1):
+        s = indptr[r] - base
+        if 0 < s < n and indptr[r + 1] - base > s:  # a non-empty row after earlier values
+            at_starts += indices[s] <= indices[s - 1]
+    unsorted = -1
+    for r in range(indptr.size - 1):
+        lo = indptr[r] - base
+        hi = indptr[r + 1] - base
+        if hi <= lo:
+            continue
+        if descents == at_starts:  # canonical rows: their extremes are their ends
+            if indices[lo] >= 0 and indices[hi - 1] < bound:
+                continue
+        else:
+            ordered = True
+            for k in range(lo + 1, hi):
+                if indices[k] <= indices[k - 1]:
+                    ordered = False
+                    break
+            if not ordered and unsorted < 0:
+                unsorted = r
+        for k in range(lo, hi):
+            if indices[k] < 0 or indices[k] >= bound:
+                return k, unsorted
+    return -1, unsorted
+
+
+@numba.njit(nogil=True, cache=True)
+def check_shard(indices, row_starts, bound):
+    """:func:`check_compressed` for an element range not aligned with rows: ``row_starts``
+    are the positions (ascending, relative to the range) where a new row begins. Returns
+    ``(bad, unsorted)``: positions of the first out-of-range index and of the first value
+    whose index does not exceed its predecessor's in the same row, ``-1`` when none."""
+    unsorted = -1
+    s = 0
+    for k in range(indices.size):
+        j = indices[k]
+        if j < 0 or j >= bound:
+            return k, unsorted
+        while s < row_starts.size and row_starts[s] < k:
+            s += 1
+        if k > 0 and unsorted < 0 and j <= indices[k - 1] and not (s < row_starts.size and row_starts[s] == k):
+            unsorted = k
+    return -1, unsorted

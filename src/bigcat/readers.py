@@ -531,8 +531,7 @@ class MatrixSource:
         else:
             data = _native(np.asarray(x["data"][lo:hi]))
             indices = _native(np.asarray(x["indices"][lo:hi]))
-        self._check_indices(indices, self.shape[1], lo)
-        return sp.csr_matrix((data, indices, self.indptr[start : stop + 1] - lo), shape=(stop - start, self.shape[1]))
+        return self._compressed("csr", data, indices, self.indptr[start : stop + 1] - lo, start, lo)
 
     def _read_zarr(self, x: Any, name: str, lo: int, hi: int, out: np.ndarray) -> None:
         """Elements ``lo:hi`` of ``X/name`` into ``out``: through bigcat's shard reader when
@@ -560,14 +559,51 @@ class MatrixSource:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         data = _native(np.asarray(x["data"][lo:hi]))
         indices = _native(np.asarray(x["indices"][lo:hi]))
-        self._check_indices(indices, self.shape[0], lo)
-        return sp.csc_matrix((data, indices, self.indptr[start : stop + 1] - lo), shape=(self.shape[0], stop - start))
+        return self._compressed("csc", data, indices, self.indptr[start : stop + 1] - lo, start, lo)
+
+    def _compressed(
+        self, kind: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, first: int, offset: int
+    ) -> Any:
+        """A checked CSR/CSC block of major rows (columns) ``first…`` whose values start at
+        element ``offset`` of X: column indices in range (else :class:`CorruptMatrixError`
+        naming the element), and in canonical order. A block with unsorted or duplicated
+        entries — legal in scipy and anndata, where duplicates add up — is sorted and its
+        duplicates summed, as ``scipy.sparse``'s ``sum_duplicates`` does, so every consumer
+        (statistics, conversion) sees the matrix scipy and anndata see."""
+        from bigcat.kernels import check_compressed
+
+        n_major = len(indptr) - 1
+        bound = self.shape[1] if kind == "csr" else self.shape[0]
+        bad, unsorted = check_compressed(indices, indptr, bound)
+        if bad >= 0:
+            self._out_of_range(int(bad) + offset, indices[bad], bound)
+        shape = (n_major, self.shape[1]) if kind == "csr" else (self.shape[0], n_major)
+        block = (sp.csr_matrix if kind == "csr" else sp.csc_matrix)((data, indices, indptr), shape=shape)
+        if unsorted < 0:
+            block.has_canonical_format = True
+            return block
+        if not self.__dict__.get("_warned_unsorted"):
+            self.__dict__["_warned_unsorted"] = True
+            axis = "row" if kind == "csr" else "column"
+            log.warning(
+                "%s: X %s %d has unsorted or duplicated indices; duplicated entries are summed, as scipy and "
+                "anndata do",
+                self.path,
+                axis,
+                first + int(unsorted),
+            )
+        block.has_canonical_format = False
+        block.sum_duplicates()
+        return block
+
+    def _out_of_range(self, position: int, value: Any, bound: int) -> None:
+        msg = f"{self.path}: X/indices[{position}] = {value} is out of range [0, {bound})"
+        raise CorruptMatrixError(msg)
 
     def _check_indices(self, indices: np.ndarray, bound: int, offset: int) -> None:
         if len(indices) and (indices.min() < 0 or indices.max() >= bound):
-            bad = int(np.flatnonzero((indices < 0) | (indices >= bound))[0]) + offset
-            msg = f"{self.path}: X/indices[{bad}] = {indices[bad - offset]} is out of range [0, {bound})"
-            raise CorruptMatrixError(msg)
+            bad = int(np.flatnonzero((indices < 0) | (indices >= bound))[0])
+            self._out_of_range(bad + offset, indices[bad], bound)
 
     def row_bounds(self, max_nnz: int = BLOCK_NNZ, max_rows: int | None = None) -> np.ndarray:
         """Row-block boundaries of about ``max_nnz`` stored values each (CSR or dense X)."""
@@ -619,9 +655,15 @@ class MatrixSource:
         col_bounds = block_bounds(self.indptr, max_nnz)
         indices = self._root()["X"]["indices"]
         row_counts = np.zeros(n_rows, dtype=np.int64)
+        from bigcat.kernels import check_compressed
+
         for lo, hi in itertools.pairwise(col_bounds):
             chunk = _native(np.asarray(indices[self.indptr[lo] : self.indptr[hi]]))
-            self._check_indices(chunk, n_rows, int(self.indptr[lo]))
+            bad, unsorted = check_compressed(chunk, self.indptr[lo : hi + 1] - self.indptr[lo], n_rows)
+            if bad >= 0:
+                self._out_of_range(int(bad + self.indptr[lo]), chunk[bad], n_rows)
+            if unsorted >= 0:  # duplicates are summed when the columns are read: count those
+                chunk = self.read_columns(int(lo), int(hi)).indices
             row_counts += np.bincount(chunk, minlength=n_rows)
         row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(row_counts, out=row_ptr[1:])

@@ -858,12 +858,30 @@ class _GrowingArray:
             self.buffers = []
 
 
-def _copy_csr_range(source: Any, data: Any, indices: Any, lo: int, hi: int) -> int:
-    """One task of :meth:`SparseZarrWriter.copy_csr`: element range ``lo:hi``."""
+class UnsortedIndicesError(BigcatInputError):
+    """A CSR X with unsorted or duplicated entries met by the parallel copy, which keeps
+    the input's element ranges and so cannot sum duplicates."""
+
+
+def _copy_csr_range(source: Any, data: Any, indices: Any, lo: int, hi: int, row_starts: np.ndarray) -> int:
+    """One task of :meth:`SparseZarrWriter.copy_csr`: element range ``lo:hi``, whose rows
+    begin at ``row_starts`` (relative to ``lo``)."""
+    from bigcat.kernels import check_shard
+
     x = source._root()["X"]  # noqa: SLF001 - same package
     values = _native(np.asarray(x["data"][lo:hi])).astype(data.dtype, copy=False)
     columns = _native(np.asarray(x["indices"][lo:hi]))
-    source._check_indices(columns, source.shape[1], lo)  # noqa: SLF001
+    bad, unsorted = check_shard(columns, row_starts, source.shape[1])
+    if bad >= 0:
+        source._out_of_range(int(bad) + lo, columns[bad], source.shape[1])  # noqa: SLF001
+    if unsorted >= 0:
+        row = int(np.searchsorted(source.indptr, lo + unsorted, side="right")) - 1
+        msg = (
+            f"{source.path}: X row {row} has unsorted or duplicated column indices; the parallel copy keeps "
+            "the input's values as stored, so convert without --cluster (client=None), which sorts them and "
+            "sums duplicates as scipy does"
+        )
+        raise UnsortedIndicesError(msg)
     data[lo:hi] = values
     indices[lo:hi] = columns.astype(indices.dtype, copy=False)
     return hi - lo
@@ -998,6 +1016,13 @@ class SparseZarrWriter(MatrixWriter):
             array.array.resize((nnz,))
             array.n_written = nnz
         ranges = [(lo, min(lo + self.shard, nnz)) for lo in range(0, nnz, self.shard)]
+        starts = indptr[1:-1]
+        starts = starts[np.r_[True, np.diff(starts) > 0]] if len(starts) else starts  # not empty rows twice
+
+        def row_starts(lo: int, hi: int) -> np.ndarray:
+            a, b = np.searchsorted(starts, [lo, hi])
+            return (starts[a:b] - lo).astype(np.int64)
+
         futures = [
             client.submit(
                 _copy_csr_range,
@@ -1006,6 +1031,7 @@ class SparseZarrWriter(MatrixWriter):
                 self.indices.array,
                 lo,
                 hi,
+                row_starts(lo, hi),
                 pure=False,
                 key=f"bigcat-copy-{os.getpid()}-{id(self)}-{lo}",
             )
