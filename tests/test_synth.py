@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import anndata as ad
 import h5py
 import numpy as np
@@ -99,3 +102,21 @@ def test_bad_sizes_are_refused():
         make_model(10, 100, 2, nnz_per_cell=100)
     with pytest.raises(BigcatInputError, match="clusters"):
         make_model(10, 100, 0)
+
+
+@pytest.mark.parametrize("genes", [1, 7, 1500, 32_285])
+def test_default_options_work_for_any_gene_count(tmp_path, genes):
+    """`bigcat synth out.h5ad --genes 1500` failed: the 2,500 non-zeros default exceeded the genes."""
+    out = tmp_path / "a.h5ad"
+    cells = 300 if genes < 32_285 else 40
+    done = subprocess.run(
+        [sys.executable, "-m", "bigcat", "synth", str(out), "--genes", str(genes), "--cells", str(cells),
+         "--clusters", "3", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    x = ad.read_h5ad(out).X
+    assert x.shape == (cells, genes)
+    target = min(2500, genes * 2500 / 32_285)
+    # the mean non-zeros per cell is calibrated to the default target (within sampling noise)
+    assert x.nnz / cells == pytest.approx(target, rel=0.25, abs=0.2)

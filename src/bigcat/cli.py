@@ -86,7 +86,10 @@ def synth(
     cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 20_000,
     genes: Annotated[int, typer.Option("--genes", help="Number of genes.")] = 32_285,
     clusters: Annotated[int, typer.Option("--clusters", help="Number of clusters.")] = 50,
-    nnz_per_cell: Annotated[int, typer.Option("--nnz-per-cell", help="Mean non-zeros per cell.")] = 2500,
+    nnz_per_cell: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--nnz-per-cell", help="Mean non-zeros per cell (default 2500, or 7.7% of fewer genes)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same file contents).")] = 0,
     layout: Annotated[str, typer.Option("--layout", help="Zarr layout: sparse or dense.")] = "sparse",
     overwrite: Overwrite = False,

@@ -144,12 +144,23 @@ def _expected_nnz(log_mean: float, log_sd: float, baseline: np.ndarray, theta: n
     return total
 
 
+#: non-zeros per cell of a whole-transcriptome droplet atlas (32,285 genes); fewer genes
+#: keep the same fraction (7.7%) by default
+DEFAULT_NNZ_PER_CELL = 2500
+WHOLE_TRANSCRIPTOME = 32_285
+
+
+def default_nnz_per_cell(n_genes: int) -> float:
+    """2,500 non-zeros per cell, or the same fraction of a smaller gene set."""
+    return float(min(DEFAULT_NNZ_PER_CELL, n_genes * DEFAULT_NNZ_PER_CELL / WHOLE_TRANSCRIPTOME))
+
+
 def make_model(
     n_cells: int,
     n_genes: int,
     n_clusters: int,
     *,
-    nnz_per_cell: int = 2500,
+    nnz_per_cell: float | None = None,
     n_markers: int = 20,
     n_donors: int = 4,
     seed: int = 0,
@@ -161,7 +172,8 @@ def make_model(
     n_cells, n_genes, n_clusters
         Size of the atlas.
     nnz_per_cell
-        Target mean number of non-zero genes per cell (must be below ``n_genes``).
+        Target mean number of non-zero genes per cell (below ``n_genes``); default
+        :func:`default_nnz_per_cell` (2,500, or 7.7% of fewer than 32,285 genes).
     n_markers
         Marker genes per cluster (capped at a tenth of the genes).
     n_donors
@@ -177,10 +189,12 @@ def make_model(
     if n_cells < 0 or n_genes < 1 or n_clusters < 1:
         msg = f"synth: need cells ≥ 0, genes ≥ 1 and clusters ≥ 1 (got {n_cells}, {n_genes}, {n_clusters})"
         raise BigcatInputError(msg)
+    if nnz_per_cell is None:
+        nnz_per_cell = default_nnz_per_cell(n_genes)
     if not 0 < nnz_per_cell < n_genes:
         msg = (
             f"synth: --nnz-per-cell must be between 1 and the number of genes - 1 "
-            f"(got {nnz_per_cell} for {n_genes} genes)"
+            f"(got {nnz_per_cell:g} for {n_genes} genes)"
         )
         raise BigcatInputError(msg)
     rng = np.random.default_rng(seed)
@@ -402,7 +416,7 @@ def synth(
     n_cells: int = 20_000,
     n_genes: int = 32_285,
     n_clusters: int = 50,
-    nnz_per_cell: int = 2500,
+    nnz_per_cell: float | None = None,
     seed: int = 0,
     layout: str = "sparse",
     overwrite: bool = False,
@@ -418,7 +432,7 @@ def synth(
     n_cells, n_genes, n_clusters
         Size of the atlas.
     nnz_per_cell
-        Target mean of non-zeros per cell.
+        Target mean of non-zeros per cell; default 2,500, or 7.7% of fewer than 32,285 genes.
     seed
         The same seed gives byte-identical data.
     layout
@@ -449,6 +463,10 @@ def synth(
     from bigcat.progress import progress_bar
     from bigcat.store import open_writer
 
+    if nnz_per_cell is None:
+        nnz_per_cell = default_nnz_per_cell(n_genes)
+    if float(nnz_per_cell).is_integer():
+        nnz_per_cell = int(nnz_per_cell)  # recorded as before for whole numbers
     model = make_model(n_cells, n_genes, n_clusters, nnz_per_cell=nnz_per_cell, seed=seed)
     source = {
         "synth": {
