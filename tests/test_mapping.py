@@ -158,26 +158,70 @@ def test_knn_vote_mapping_and_cli(split: dict, tmp_path: Path, capsys) -> None:
 
 
 def test_mapmycells_precomputed_stats_layout(split: dict, tmp_path: Path) -> None:
+    """One pass writes everything cell_type_mapper's precompute_stats writes: n_cells, sum,
+    sumsq, gt0, gt1, ge1, the taxonomy tree with each leaf's cell rows, and metadata."""
     folder = split["folder"]
-    out = tmp_path / "precomputed_stats.h5"
-    code = main(["stats", str(folder / "reference.h5ad"), "--normalize", "log2cpm", "--format", "mapmycells",
-                 "--out", str(out), "--cluster", "sync", "--quiet"])  # fmt: skip
-    assert code == 0
-    reference = split["reference"]
-    x = log2cpm(reference.X)
+    reference = split["reference"].copy()
     labels = reference.obs["cluster"].astype(str).to_numpy()
+    reference.obs["subclass"] = pd.Categorical([f"sub{int(c[-2:]) % 4}" for c in labels])
+    reference.obs["class"] = pd.Categorical([f"class{int(c[-2:]) % 4 // 2}" for c in labels])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.write_h5ad(tmp_path / "reference.h5ad")
+    out = tmp_path / "precomputed_stats.h5"
+    code = main(["stats", str(tmp_path / "reference.h5ad"), "--normalize", "log2cpm", "--format", "mapmycells",
+                 "--hierarchy", "class,subclass,cluster", "--out", str(out), "--cluster", "sync", "--quiet"])  # fmt: skip
+    assert code == 0
+    x = log2cpm(reference.X)
     with h5py.File(out) as f:
         clusters = json.loads(f["cluster_to_row"][()].decode())
         genes = json.loads(f["col_names"][()].decode())
         tree = json.loads(f["taxonomy_tree"][()].decode())
-        assert json.loads(f["metadata"][()].decode())["normalization"] == "log2CPM"
+        metadata = json.loads(f["metadata"][()].decode())
+        assert metadata["normalization"] == "log2CPM"  # the statistics' scale
+        assert metadata["config"]["normalization"] == "raw"  # the input's, in cell_type_mapper's words
+        assert metadata["config"]["hierarchy"] == ["class", "subclass", "cluster"]
         assert genes == reference.var_names.tolist()
-        assert tree["hierarchy"] == ["cluster"]
-        assert set(tree["cluster"]) == set(clusters)
-        for name, row in list(clusters.items())[:5]:
+        assert tree["hierarchy"] == ["class", "subclass", "cluster"]
+        assert set(tree["cluster"]) == set(clusters) == set(labels)
+        for name, rows in tree["cluster"].items():  # each leaf lists its cells' rows
+            assert rows == np.flatnonzero(labels == name).tolist()
+        subclass = reference.obs["subclass"].astype(str).to_numpy()
+        for parent, children in tree["subclass"].items():
+            assert children == sorted(set(labels[subclass == parent]))
+        assert tree["class"] == {"class0": ["sub0", "sub1"], "class1": ["sub2", "sub3"]}
+        assert {k: f[k].dtype for k in ("sum", "sumsq", "gt0", "gt1", "ge1", "n_cells")} == {
+            "sum": np.float64, "sumsq": np.float64, "gt0": np.int64, "gt1": np.int64, "ge1": np.int64,
+            "n_cells": np.int64,
+        }  # fmt: skip
+        for name, row in clusters.items():
             cells = x[labels == name]
             assert f["n_cells"][row] == len(cells)
             np.testing.assert_allclose(f["sum"][row], cells.sum(0), rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(f["sumsq"][row], (cells**2).sum(0), rtol=1e-6, atol=1e-5)
             np.testing.assert_array_equal(f["gt0"][row], (cells > 0).sum(0))
+            np.testing.assert_array_equal(f["gt1"][row], (cells > 1).sum(0))
             np.testing.assert_array_equal(f["ge1"][row], (cells >= 1).sum(0))
+
+
+def test_mapmycells_taxonomy_table_and_refusals(split: dict, tmp_path: Path) -> None:
+    from bigcat.mapmycells import precompute_stats
+
+    folder = split["folder"]
+    leaves = sorted(set(split["reference"].obs["cluster"].astype(str)))
+    table = pd.DataFrame({"cluster": leaves, "subclass": [f"s{i % 3}" for i in range(len(leaves))]})
+    table.to_csv(tmp_path / "taxonomy.csv", index=False)
+    out = precompute_stats(folder / "reference.h5ad", tmp_path / "p.h5", hierarchy=["subclass", "cluster"],
+                           taxonomy=tmp_path / "taxonomy.csv")  # fmt: skip
+    with h5py.File(out) as f:
+        tree = json.loads(f["taxonomy_tree"][()].decode())
+    assert tree["subclass"] == {f"s{k}": [c for i, c in enumerate(leaves) if i % 3 == k] for k in range(3)}
+    table.loc[len(table)] = [leaves[0], "s9"]  # a leaf with two parents
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(BigcatInputError, match="not a tree"):
+        precompute_stats(folder / "reference.h5ad", tmp_path / "q.h5", hierarchy=["subclass", "cluster"],
+                         taxonomy=tmp_path / "bad.csv")  # fmt: skip
+    # raw counts declared as log2(CPM+1): refused, not written with a wrong label
+    with pytest.raises(BigcatInputError, match="not log2"):
+        precompute_stats(folder / "reference.h5ad", tmp_path / "r.h5", normalize=None)
+    assert not (tmp_path / "r.h5").exists()

@@ -106,6 +106,44 @@ def stores(atlas_h5ad, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("layout", ["h5ad", "sparse", "dense", "csc"])
+@pytest.mark.parametrize("engine", ["blocks", "groupby"])
+def test_several_presence_tests_in_one_pass(stores, encodings, atlas, layout, engine, tmp_path):
+    """gt0, gt1, ge1 (cell_type_mapper's) and a negative threshold (an implicit zero passes)
+    next to the main present test, each against the dense oracle, and through a merge."""
+    path = encodings["csc"] if layout == "csc" else stores[layout]
+    tests = ("gt1", "ge1", "ge0", "gt-0.5", "ge3.5")
+    result = cluster_stats(path, stats="present,sums", threshold=2.0, present_at=",".join(tests), engine=engine,
+                           normalize="log2cpm", block_nnz=40_000)  # fmt: skip
+    x, labels = dense(atlas.X), atlas.obs["cluster"].to_numpy()
+    check(result, oracle(x, labels, threshold=2.0, normalize=True), stats=("present", "sums"))
+    assert result.attrs["present_at"] == "gt1,ge1,ge0,gt-0.5,ge3.5"
+    for name in tests:
+        op, threshold = name[:2], float(name[2:])
+        expected = oracle(x, labels, threshold=threshold, op=op, normalize=True)
+        np.testing.assert_allclose(result[f"present_{name}"].values, expected["present"], rtol=1e-6, err_msg=name)
+        counts = result[f"present_counts_{name}"]
+        assert counts.dtype == result["present_counts"].dtype
+        np.testing.assert_array_equal(counts.values, np.rint(expected["present"] * expected["n_cells"][:, None]))
+    # exact merges over disjoint cells keep every test
+    half = np.arange(atlas.n_obs) % 2 == 0
+    parts = [cluster_stats(path, stats="present", present_at=tests, normalize="log2cpm", cells=half),
+             cluster_stats(path, stats="present", present_at=tests, normalize="log2cpm", cells=~half)]  # fmt: skip
+    merged = merge_stats(parts)
+    whole = cluster_stats(path, stats="present", present_at=tests, normalize="log2cpm")
+    for name in tests:
+        np.testing.assert_array_equal(merged[f"present_counts_{name}"].values, whole[f"present_counts_{name}"].values)
+    with pytest.raises(BigcatInputError, match="different present_at"):
+        merge_stats([parts[0], cluster_stats(path, stats="present", cells=~half, normalize="log2cpm")])
+    # every output format keeps them
+    for suffix in (".zarr", ".parquet", ".h5ad"):
+        write_stats(whole, tmp_path / f"s{suffix}")
+        back = read_stats(tmp_path / f"s{suffix}")
+        np.testing.assert_array_equal(back["present_counts_ge1"].values, whole["present_counts_ge1"].values)
+    with pytest.raises(BigcatInputError, match="unknown presence test"):
+        cluster_stats(path, present_at="lt1")
+
+
 @pytest.mark.parametrize("layout", ["h5ad", "sparse", "dense"])
 @pytest.mark.parametrize("engine", ["blocks", "groupby"])
 @pytest.mark.parametrize("normalize", [False, True])

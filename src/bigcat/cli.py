@@ -241,8 +241,21 @@ def stats(
         Optional[str],  # noqa: UP045
         typer.Option(
             "--format",
-            help="mapmycells: write --out X.h5 as MapMyCells' precomputed_stats.h5 (sum, sumsq, gt0, ge1, n_cells).",
+            help="mapmycells: write --out X.h5 as MapMyCells' precomputed_stats.h5 (sum, sumsq, gt0, gt1, ge1, "
+            "n_cells, taxonomy tree) in one pass.",
         ),
+    ] = None,
+    hierarchy: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--hierarchy", help="mapmycells: taxonomy levels, coarsest first (class,subclass,cluster)."),
+    ] = None,
+    taxonomy: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--taxonomy", help="mapmycells: CSV/Parquet with a column per --hierarchy level."),
+    ] = None,
+    present_at: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--present-at", help="Further presence tests in the same pass, e.g. gt1,ge1."),
     ] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
@@ -267,9 +280,21 @@ def stats(
     if out_format and (out is None or merge):
         msg = "--format mapmycells needs --out precomputed_stats.h5 (and no --merge)"
         raise BigcatInputError(msg)
-    if out_format:
-        statistics, threshold, present_op = "sums,sqr_sums,present", 0.0, "gt"  # what the layout holds
     options = parse_storage_options(storage_option)
+    if out_format:
+        from bigcat.mapmycells import precompute_stats
+
+        with connect(cluster, idle_timeout=idle_timeout) as client:
+            _dashboard(client)
+            written = precompute_stats(
+                list(inputs), out, by=by, hierarchy=_names(hierarchy), taxonomy=taxonomy, normalize=normalize,
+                labels=labels, label_column=label_column, cell_column=cell_column,
+                max_cells_per_cluster=max_cells_per_cluster, seed=seed, engine=engine, client=client,
+                block_nnz=block_values, progress=_progress(quiet, progress), overwrite=overwrite,
+                storage_options=options,
+            )  # fmt: skip
+        typer.echo(f"wrote {written}")
+        return
     if merge:
         if out is None:
             msg = "--merge needs --out"
@@ -288,6 +313,7 @@ def stats(
                 normalize=normalize,
                 threshold=threshold,
                 present_op=present_op,
+                present_at=present_at or (),
                 max_cells_per_cluster=max_cells_per_cluster,
                 seed=seed,
                 engine=engine,
@@ -296,18 +322,6 @@ def stats(
                 progress=_progress(quiet, progress),
                 storage_options=options,
             )
-    if out_format:
-        from bigcat.mapping import write_mapmycells
-
-        with connect(cluster, idle_timeout=idle_timeout) as client:  # a second pass: x >= 1 (ge1)
-            ge1 = cluster_stats(
-                list(inputs), by=by, stats="present", labels=labels, label_column=label_column,
-                cell_column=cell_column, normalize=normalize, threshold=1.0, present_op="ge",
-                max_cells_per_cluster=max_cells_per_cluster, seed=seed, engine=engine, block_nnz=block_values,
-                client=client, progress=_progress(quiet, progress), storage_options=options,
-            )  # fmt: skip
-        typer.echo(f"wrote {write_mapmycells(result, out, ge1=ge1, overwrite=overwrite, storage_options=options)}")
-        return
     if out is None:
         typer.echo(result)
         return

@@ -35,7 +35,7 @@ class DerivedArray(BackendArray):
     def __init__(self, name: str, acc: dict[str, np.ndarray], n_cells: np.ndarray) -> None:
         self.name, self.acc = name, acc
         self.n = np.asarray(n_cells, dtype=np.float64)
-        self.shape = next(iter(acc.values())).shape
+        self.shape = next(a for a in acc.values() if a.ndim == 2).shape
         self.dtype = np.dtype(np.float32)
 
     def compute(self, out: np.ndarray | None = None) -> np.ndarray:
@@ -83,8 +83,8 @@ class DerivedArray(BackendArray):
                 return self.acc["sums"][rows, cols] / n
             if self.name == "sqr_means":
                 return self.acc["sqr_sums"][rows, cols] / n
-            if self.name == "present":
-                return self.acc["present_counts"][rows, cols] / n
+            if self.name == "present" or self.name.startswith("present_"):  # present_ge1: present_counts_ge1
+                return self.acc["present_counts" + self.name[len("present") :]][rows, cols] / n
             # population variance, from float64 accumulators
             mean = self.acc["sums"][rows, cols] / n
             return np.maximum(self.acc["sqr_sums"][rows, cols] / n - mean * mean, 0.0)

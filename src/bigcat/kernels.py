@@ -84,8 +84,10 @@ def _rows(acc, c):
 
 
 @numba.njit(nogil=True, cache=True)
-def _n_rows(sums, sqr, present, nnz):
+def _n_rows(sums, sqr, present, nnz, extra=None):
     n = 0
+    if extra is not None:
+        n = max(n, extra.shape[0])
     if sums is not None:
         n = max(n, sums.shape[0])
     if sqr is not None:
@@ -98,7 +100,9 @@ def _n_rows(sums, sqr, present, nnz):
 
 
 @numba.njit(nogil=True, cache=True)
-def _fold_row(data, indices, lo, hi, col_offset, gene_map, totals, scale, threshold, op_ge, count_fails, s, q, p, z):
+def _fold_row(
+    data, indices, lo, hi, col_offset, gene_map, totals, scale, threshold, op_ge, count_fails, s, q, p, z, e, tests
+):
     """One row's values into one cluster's accumulator rows.
 
     Every ``is None`` test here is on an argument, so numba drops it at compile time and
@@ -127,6 +131,9 @@ def _fold_row(data, indices, lo, hi, col_offset, gene_map, totals, scale, thresh
             p[g] += _passes(v, threshold, op_ge) != count_fails
         if z is not None:
             z[g] += v != 0.0
+        if e is not None:
+            for t in range(e.shape[0]):
+                e[t, g] += _passes(v, tests[t, 0], tests[t, 1] != 0.0) != (tests[t, 2] != 0.0)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -146,6 +153,8 @@ def fold_csr(
     sqr,
     present,
     nnz,
+    extra=None,
+    tests=None,
 ):
     """Accumulate the rows of a CSR block whose cluster is in ``[c_lo, c_lo + len(acc))``
     into the accumulators (row ``c - c_lo``; see the module notes).
@@ -153,9 +162,11 @@ def fold_csr(
     ``gene_map`` ``None``: every column kept, in order (the common case). ``totals``
     ``None``: no normalization; empty: log2 CPM with each row's total summed here; else
     log2 CPM with these totals. Accumulators not requested are ``None``. Each row's
-    accumulator rows are taken once as 1-D views.
+    accumulator rows are taken once as 1-D views. ``extra`` (clusters × tests × genes
+    counts, or ``None``) counts further presence tests in the same pass, one per row of
+    ``tests`` (threshold, 1.0 for ``>=`` else 0.0, 1.0 to count the failures).
     """
-    c_hi = c_lo + _n_rows(sums, sqr, present, nnz)
+    c_hi = c_lo + _n_rows(sums, sqr, present, nnz, extra)
     for r in _rows_by_cluster(codes, c_lo, c_hi):
         c = codes[r] - c_lo
         lo = indptr[r]
@@ -185,6 +196,8 @@ def fold_csr(
             _rows(sqr, c),
             _rows(present, c),
             _rows(nnz, c),
+            _rows(extra, c),
+            tests,
         )
 
 
@@ -206,17 +219,21 @@ def fold_csc(
     sqr,
     present,
     nnz,
+    extra,
+    tests,
 ):
     """Accumulate a CSC block (columns ``col_offset…``) into the accumulators, for the
     clusters in ``[c_lo, c_lo + len(acc))``.
 
-    ``totals`` must be given when ``normalize`` is set (a column block does not hold whole rows).
+    ``totals`` must be given when ``normalize`` is set (a column block does not hold whole
+    rows). ``extra``/``tests`` as in :func:`fold_csr` (a 0 × 0 × 0 array when none).
     """
     do_sum = sums.shape[0] > 0
     do_sqr = sqr.shape[0] > 0
     do_present = present.shape[0] > 0
     do_nnz = nnz.shape[0] > 0
-    c_hi = c_lo + max(sums.shape[0], sqr.shape[0], present.shape[0], nnz.shape[0])
+    do_extra = extra.shape[0] > 0
+    c_hi = c_lo + max(sums.shape[0], sqr.shape[0], present.shape[0], nnz.shape[0], extra.shape[0])
     for col in range(indptr.size - 1):
         g = gene_map[col + col_offset]
         if g < 0:
@@ -240,6 +257,9 @@ def fold_csc(
                 present[c, g] += 1
             if do_nnz and v != 0.0:
                 nnz[c, g] += 1
+            if do_extra:
+                for t in range(extra.shape[1]):
+                    extra[c, t, g] += _passes(v, tests[t, 0], tests[t, 1] != 0.0) != (tests[t, 2] != 0.0)
 
 
 @numba.njit(nogil=True, cache=True)

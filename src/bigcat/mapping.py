@@ -27,7 +27,6 @@ log2(x / cell total × 10⁶ + 1), the total over all of its genes, not only the
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ import scipy.sparse as sp
 
 from bigcat.errors import BigcatInputError
 
-__all__ = ["knn", "map_cells", "write_mapmycells"]
+__all__ = ["knn", "map_cells"]
 
 #: stored values per query block read by one task
 QUERY_BLOCK_NNZ = 4_000_000
@@ -518,73 +517,3 @@ def knn(
         attrs={"k": k, "metric": metric, "method": method, "space": space, "dims": int(dims),
                "reference": str(getattr(ref, "path", "")), "normalize": str(normalize)},
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# MapMyCells' precomputed statistics
-# --------------------------------------------------------------------------------------------
-def write_mapmycells(
-    ds: Any, path: str | os.PathLike, *, ge1: Any = None, overwrite: bool = False, storage_options=None
-) -> Any:
-    """Write statistics as MapMyCells' ``precomputed_stats.h5`` (AllenInstitute/cell_type_mapper).
-
-    Parameters
-    ----------
-    ds
-        A :func:`bigcat.cluster_stats` result with the ``sums`` accumulator (and
-        ``sqr_sums``, ``present_counts`` when present), computed on log2(CPM+1) values
-        (``normalize="log2cpm"`` from counts, or on data stored as log2(CPM+1)).
-    path
-        The ``.h5`` file to write (atomically).
-    ge1
-        Optional second result with ``present_counts`` for ``x >= 1`` (threshold 1,
-        present_op ``"ge"``): written as ``ge1``.
-    overwrite
-        Replace an existing file.
-
-    Notes
-    -----
-    Layout (cell_type_mapper's documented schema): ``n_cells`` (clusters,), ``sum`` and
-    ``sumsq`` (clusters × genes, float64), ``gt0`` (present counts with threshold 0, ``gt``)
-    and ``ge1`` (int), and JSON-serialized ``col_names`` (genes), ``cluster_to_row``,
-    ``taxonomy_tree`` (a flat taxonomy: ``{"hierarchy": ["cluster"], "cluster": {…}}``)
-    and ``metadata``.
-    """
-    import json
-
-    import h5py
-
-    from bigcat import fs
-    from bigcat.store import publish
-
-    if "sums" not in ds:
-        msg = "MapMyCells statistics need the 'sums' accumulator (compute means or sums)"
-        raise BigcatInputError(msg)
-    valid = np.asarray(ds["n_cells"].values) > 0
-    ds = ds.isel(cluster=np.flatnonzero(valid))
-    clusters = [str(c) for c in ds["cluster"].values]
-    genes = [str(g) for g in ds["gene"].values]
-    target = str(path) if fs.is_url(path) else fs.local(path)
-    with (
-        publish(target, overwrite=overwrite, storage_options=storage_options, kind="file") as tmp,
-        h5py.File(tmp, "w") as f,
-    ):
-        f.create_dataset("n_cells", data=np.asarray(ds["n_cells"].values, dtype=np.int64))
-        f.create_dataset("sum", data=np.asarray(ds["sums"].values, dtype=np.float64), chunks=True)
-        if "sqr_sums" in ds:
-            f.create_dataset("sumsq", data=np.asarray(ds["sqr_sums"].values, dtype=np.float64), chunks=True)
-        if "present_counts" in ds and float(ds.attrs.get("threshold", 0)) == 0 and ds.attrs.get("present_op") == "gt":
-            f.create_dataset("gt0", data=np.asarray(ds["present_counts"].values, dtype=np.int64), chunks=True)
-        if ge1 is not None:
-            if list(map(str, ge1["cluster"].values)) != clusters and "present_counts" in ge1:
-                ge1 = ge1.sel(cluster=ds["cluster"].values)
-            f.create_dataset("ge1", data=np.asarray(ge1["present_counts"].values, dtype=np.int64), chunks=True)
-        f.create_dataset("col_names", data=json.dumps(genes).encode())
-        f.create_dataset("cluster_to_row", data=json.dumps({c: i for i, c in enumerate(clusters)}).encode())
-        tree = {"hierarchy": ["cluster"], "cluster": {c: [] for c in clusters}}
-        f.create_dataset("taxonomy_tree", data=json.dumps(tree).encode())
-        meta = {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}
-        meta["normalization"] = "log2CPM"
-        meta["written_by"] = "bigcat"
-        f.create_dataset("metadata", data=json.dumps(meta).encode())
-    return target

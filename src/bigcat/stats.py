@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,9 @@ NEEDS = {
     "nnz": ("nnz",),
 }
 ACCUMULATORS = ("sums", "sqr_sums", "present_counts", "nnz")
+#: the accumulator of the ``present_at`` tests inside a pass (split into
+#: ``present_counts_<test>`` variables in results)
+EXTRA = "present_extra"
 #: the float32 statistics derived from the accumulators (the others are accumulators themselves)
 DERIVED = ("means", "present", "sqr_means", "vars")
 #: float accumulators; the counts (``present_counts``, ``nnz``) take :func:`count_dtype`
@@ -97,6 +101,26 @@ def _acc_dtype(accumulator: str, counts: Any) -> np.dtype:
     return np.dtype(np.float64 if accumulator in FLOAT_ACCUMULATORS else counts)
 
 
+def _zero_passes(threshold: float, op_ge: bool) -> bool:
+    """Whether an implicit zero passes a presence test (then failures are counted instead)."""
+    return (threshold <= 0.0) if op_ge else (threshold < 0.0)
+
+
+def present_test_name(spec: str) -> tuple[str, float, bool]:
+    """``"ge1"``, ``"gt0"``, ``"ge0.5"`` → (canonical name, threshold, op is ``>=``).
+
+    The names of :func:`cluster_stats`'s ``present_at`` tests (cell_type_mapper's
+    ``gt0``/``gt1``/``ge1``): the statistic is ``present_<name>``, its counts
+    ``present_counts_<name>``.
+    """
+    match = re.fullmatch(r"(gt|ge)(-?\d+(?:\.\d+)?(?:e-?\d+)?)", str(spec).strip())
+    if match is None:
+        msg = f"unknown presence test {spec!r}: use gt<threshold> or ge<threshold>, e.g. gt0, gt1, ge1"
+        raise BigcatInputError(msg)
+    threshold = float(match.group(2))
+    return f"{match.group(1)}{threshold:g}", threshold, match.group(1) == "ge"
+
+
 @dataclass(frozen=True)
 class _Settings:
     """What every kernel call needs besides the block (an opaque literal in the task graph)."""
@@ -106,15 +130,30 @@ class _Settings:
     op_ge: bool
     normalize: bool
     counts: str = "int32"  # dtype of the count accumulators (see :func:`count_dtype`)
+    #: further presence tests counted in the same pass: (name, threshold, op is ``>=``)
+    extra: tuple[tuple[str, float, bool], ...] = ()
 
     def dtype(self, accumulator: str) -> np.dtype:
         """The dtype of one accumulator."""
         return _acc_dtype(accumulator, self.counts)
 
+    def shape(self, accumulator: str, n_clusters: int, n_genes: int) -> tuple[int, ...]:
+        """One accumulator's shape: clusters × genes, or clusters × tests × genes for the
+        extra presence counts (so a cluster's counts for every test lie together)."""
+        if accumulator == EXTRA:
+            return (n_clusters, len(self.extra), n_genes)
+        return (n_clusters, n_genes)
+
     @property
     def count_fails(self) -> bool:
         """An implicit zero passes the present test: count stored values failing it instead."""
-        return (self.threshold <= 0.0) if self.op_ge else (self.threshold < 0.0)
+        return _zero_passes(self.threshold, self.op_ge)
+
+    @property
+    def tests(self) -> np.ndarray:
+        """The extra tests as the kernels take them: rows of (threshold, >=, count failures)."""
+        rows = [(t, float(ge), float(_zero_passes(t, ge))) for _, t, ge in self.extra]
+        return np.array(rows, dtype=np.float64).reshape(len(rows), 3)
 
 
 @dataclass
@@ -319,6 +358,7 @@ def cluster_stats(
     genes: Any = None,
     threshold: float = 0.0,
     present_op: str = "gt",
+    present_at: str | Iterable[str] = (),
     normalize: str | None = None,
     max_cells_per_cluster: int | None = None,
     seed: int = 0,
@@ -330,6 +370,7 @@ def cluster_stats(
     block_nnz: int | None = None,
     progress: bool | None = False,
     storage_options: dict | None = None,
+    _membership: dict | None = None,
 ) -> Any:
     """Per-cluster × gene statistics of a cell-by-gene matrix, out of core.
 
@@ -355,6 +396,12 @@ def cluster_stats(
     threshold, present_op
         ``present`` counts ``x > threshold`` (``present_op="gt"``, R's scrattch.bigcat
         ``get_cl_present``) or ``x >= threshold`` (``"ge"``, scrattch.hicat's ``low.th``).
+    present_at
+        Further presence tests counted in the same pass, e.g. ``("gt1", "ge1")``
+        (a sequence or a comma-separated string of ``gt<threshold>``/``ge<threshold>``):
+        each adds ``present_<test>`` (the fraction) and its counts
+        ``present_counts_<test>``, so one pass over the cells serves the statistics,
+        pairwise DE (x ≥ 1) and MapMyCells (``gt0``, ``gt1``, ``ge1``).
     normalize
         ``"log2cpm"``: compute on ``log2(x / cell_total × 1e6 + 1)`` from raw counts, on the
         fly (cell totals over all genes of the input, also when ``genes`` subsets them; a
@@ -415,6 +462,7 @@ def cluster_stats(
     >>> ds.means.sel(cluster="L2/3 IT").to_series().nlargest(5)  # doctest: +SKIP
     """
     stats = _check_stats(stats)
+    extra = _check_present_at(present_at)
     if engine not in ENGINES:
         msg = f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}"
         raise BigcatInputError(msg)
@@ -485,14 +533,17 @@ def cluster_stats(
     for part in parts:
         part.codes = codes[offset : offset + part.n_cells]
         offset += part.n_cells
+    if _membership is not None:  # for writers that list each cluster's cells (MapMyCells)
+        _membership.update(codes=codes, clusters=clusters, parts=parts)
 
     gene_index = np.arange(len(gene_names)) if genes is None else _select(genes, gene_names, "gene")
     settings = _Settings(
-        accumulators=tuple(a for a in ACCUMULATORS if any(a in NEEDS[s] for s in stats)),
+        accumulators=tuple(a for a in ACCUMULATORS if any(a in NEEDS[s] for s in stats)) + ((EXTRA,) if extra else ()),
         threshold=float(threshold),
         op_ge=present_op == "ge",
         normalize=normalize == "log2cpm",
         counts=count_dtype(int(n_cells.max())).name,
+        extra=extra,
     )
     client = _default_client(client)
     spare = None
@@ -501,7 +552,7 @@ def cluster_stats(
         block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings, in_process)
     try:
         if engine == "blocks":
-            n_derived = sum(s in DERIVED for s in stats)
+            n_derived = sum(s in DERIVED for s in stats) + len(extra)
             acc, spare = _blocks(
                 parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress, n_derived
             )
@@ -517,6 +568,7 @@ def cluster_stats(
             "stats": ",".join(stats),
             "threshold": float(threshold),
             "present_op": present_op,
+            "present_at": ",".join(name for name, _, _ in extra),
             "normalize": normalize or "none",
             "engine": engine,
             "max_cells_per_cluster": -1 if max_cells_per_cluster is None else int(max_cells_per_cluster),
@@ -560,7 +612,9 @@ def count_dtype(max_cells: int) -> np.dtype:
 
 def _accumulator_bytes(n_clusters: int, n_genes: int, settings: _Settings) -> int:
     """Memory of one full set of accumulators (clusters × genes)."""
-    return n_clusters * n_genes * sum(settings.dtype(a).itemsize for a in settings.accumulators)
+    return sum(
+        int(np.prod(settings.shape(a, n_clusters, n_genes))) * settings.dtype(a).itemsize for a in settings.accumulators
+    )
 
 
 def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings, in_process: bool = True) -> int:
@@ -574,6 +628,19 @@ def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings, in_pr
         return BLOCK_NNZ
     largest = MAX_BLOCK_NNZ if in_process else BLOCK_NNZ * 4
     return int(np.clip(acc_bytes // BIG_BLOCK_DIVISOR, BLOCK_NNZ * 4, largest))
+
+
+def _check_present_at(specs: str | Iterable[str]) -> tuple[tuple[str, float, bool], ...]:
+    if isinstance(specs, str):
+        specs = [t for t in specs.split(",") if t.strip()]
+    tests = [present_test_name(t) for t in specs]
+    return tuple({name: (name, t, ge) for name, t, ge in tests}.values())
+
+
+def extra_present_names(ds_or_attrs: Any) -> list[str]:
+    """The ``present_at`` tests recorded in a result (or its attrs)."""
+    attrs = getattr(ds_or_attrs, "attrs", ds_or_attrs)
+    return [t for t in str(attrs.get("present_at", "") or "").split(",") if t]
 
 
 def _check_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
@@ -636,7 +703,7 @@ def _derive(
         return {}
     derived: dict = {}
     for name in stats:
-        if name in DERIVED:
+        if name in DERIVED or name.startswith("present_"):
             array = DerivedArray(name, acc, n_cells)
             out = spare.take(array.shape, np.float32) if spare is not None else None
             derived[name] = array.compute(out) if out is not None else indexing.LazilyIndexedArray(array)
@@ -656,12 +723,19 @@ def _result(
 ) -> Any:
     import xarray as xr
 
-    derived = _derive(acc, n_cells, stats, spare)
+    acc = dict(acc)
+    tests = extra_present_names(attrs)
+    if EXTRA in acc:  # one clusters × tests × genes array in the pass: a variable per test
+        extra = acc.pop(EXTRA)
+        for t, name in enumerate(tests):
+            acc[f"present_counts_{name}"] = extra[:, t, :]
+    extra_stats = tuple(f"present_{name}" for name in tests if f"present_counts_{name}" in acc)
+    derived = _derive(acc, n_cells, (*stats, *extra_stats), spare)
     variables = {"n_cells": (("cluster",), np.asarray(n_cells, dtype=np.int64))}
-    for name in stats:
+    for name in (*stats, *extra_stats):
         if name in derived:
             variables[name] = (("cluster", "gene"), derived[name])
-    for name in ACCUMULATORS:
+    for name in (*ACCUMULATORS, *(f"present_counts_{t}" for t in tests)):
         if name in acc:
             variables[name] = (("cluster", "gene"), acc[name])
     cluster_values = np.asarray(clusters)
@@ -694,7 +768,9 @@ def _init_task(settings: _Settings, n_clusters: int, n_genes: int, views: dict |
             if not prefault(view):  # fresh zero pages (small_pages): touched, not written
                 view.fill(0)
         return views
-    return {name: zeros((n_clusters, n_genes), settings.dtype(name)) for name in settings.accumulators}
+    return {
+        name: zeros(settings.shape(name, n_clusters, n_genes), settings.dtype(name)) for name in settings.accumulators
+    }
 
 
 _EMPTY_F = np.zeros((0, 0), dtype=np.float64)
@@ -734,6 +810,8 @@ def _fold_task(
             acc.get("sqr_sums"),
             acc.get("present_counts"),
             acc.get("nnz"),
+            acc.get(EXTRA),
+            settings.tests if EXTRA in acc else None,
         )
         return acc
     kernels.fold_csc(
@@ -753,6 +831,8 @@ def _fold_task(
         acc.get("sqr_sums", _EMPTY_F),
         acc.get("present_counts", np.zeros((0, 0), settings.counts)),
         acc.get("nnz", np.zeros((0, 0), settings.counts)),
+        acc.get(EXTRA, np.zeros((0, 0, 0), settings.counts)),
+        settings.tests,
     )
     return acc
 
@@ -828,6 +908,11 @@ def _finalize_task(acc: dict, n_cells: np.ndarray, settings: _Settings) -> dict:
     if settings.count_fails and "present_counts" in acc:
         present = acc["present_counts"]
         np.subtract(n_cells[:, None].astype(present.dtype), present, out=present)
+    if EXTRA in acc:
+        for t, (_, threshold, op_ge) in enumerate(settings.extra):
+            if _zero_passes(threshold, op_ge):
+                counts = acc[EXTRA][:, t, :]
+                np.subtract(n_cells[:, None].astype(counts.dtype), counts, out=counts)
     return acc
 
 
@@ -1004,7 +1089,10 @@ def _blocks(
     # -- preallocated results (in-process, chain 0 of each range accumulates into them) -----------
     # untouched pages: in-process, each range's init task touches its own rows (see zeros);
     # with a client, every range's result is copied in
-    out = {name: small_pages((n_clusters, n_out), settings.dtype(name)) for name in settings.accumulators}
+    out = {
+        name: small_pages(settings.shape(name, n_clusters, n_out), settings.dtype(name))
+        for name in settings.accumulators
+    }
 
     final_keys = []
     chains: dict[tuple[int, int], str] = {}
@@ -1192,12 +1280,16 @@ def _groupby(
         lazy["present_counts"] = passes.groupby(group).sum()
     if "nnz" in settings.accumulators:
         lazy["nnz"] = (values != 0).groupby(group).sum()
+    for name, test_threshold, test_ge in settings.extra:
+        passes = values >= test_threshold if test_ge else values > test_threshold
+        lazy[f"present_counts_{name}"] = passes.groupby(group).sum()
     scheduler = client if client is not None else None
     computed = dask.compute(lazy, scheduler=scheduler)[0] if scheduler else dask.compute(lazy)[0]
     acc = {}
     for name, result in computed.items():
         result = result.reindex(cluster_code=np.arange(n_clusters, dtype=float), fill_value=0)
-        acc[name] = np.ascontiguousarray(result.transpose("cluster_code", "gene").values, dtype=settings.dtype(name))
+        dtype = settings.dtype("present_counts" if name.startswith("present_counts_") else name)
+        acc[name] = np.ascontiguousarray(result.transpose("cluster_code", "gene").values, dtype=dtype)
     return acc
 
 
@@ -1337,7 +1429,8 @@ def _read_stats_table(path: str, storage_options: dict | None) -> Any:
             continue
         values = np.asarray(table.column(name))
         # CSV has no types: the derived statistics are float32 (as written), the rest as parsed
-        dtype = np.float32 if name in DERIVED else values.dtype
+        derived = name in DERIVED or (name.startswith("present_") and not name.startswith("present_counts"))
+        dtype = np.float32 if derived else values.dtype
         out = np.empty(shape, dtype=dtype)
         out[rows, cols] = values
         variables[name] = (("cluster", "gene"), out)
@@ -1375,8 +1468,8 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
         if not pd.Index(ds["gene"].values).equals(genes):
             msg = "cannot merge statistics over different genes"
             raise BigcatInputError(msg)
-        for key in ("threshold", "present_op", "normalize"):
-            if ds.attrs.get(key) != first.attrs.get(key):
+        for key in ("threshold", "present_op", "present_at", "normalize"):
+            if (ds.attrs.get(key) or "") != (first.attrs.get(key) or ""):
                 msg = (
                     f"cannot merge statistics computed with different {key}: "
                     f"{first.attrs.get(key)!r} vs {ds.attrs.get(key)!r}"
@@ -1391,7 +1484,8 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
     rows = [clusters.get_indexer(pd.Index(ds["cluster"].values)) for ds in loaded]
     for ds, where in zip(loaded, rows, strict=True):
         n_cells[where] += ds["n_cells"].values
-    names = [a for a in ACCUMULATORS if all(a in ds for ds in loaded)]
+    extra = [f"present_counts_{t}" for t in extra_present_names(first)]
+    names = [a for a in (*ACCUMULATORS, *extra) if all(a in ds for ds in loaded)]
     counts = count_dtype(int(n_cells.max()))  # merged counts may need a wider type than any input's
     dtypes = {a: _acc_dtype(a, counts) for a in names}
     acc = {a: zeros((len(clusters), len(genes)), dtypes[a]) for a in names}
