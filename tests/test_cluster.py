@@ -175,3 +175,20 @@ def test_sample_through_a_remote_scheduler_matches_the_local_run(dask_scheduler,
     assert list(a.cell.values) == list(b.cell.values)
     assert list(a.gene.values) == list(b.gene.values)
     assert a.sizes["cell"] == round(0.3 * 6000)
+
+
+def test_in_process_local_cluster_gets_the_result_memory_by_reference(tmp_path):
+    """distributed pickles every graph, also for a worker in this process: the preallocated
+    result views (2.7 GB at 5,000 clusters) were copied into it, which made the default
+    `--cluster local` 2.4× slower than threads. Now they travel as references."""
+    path = tmp_path / "wide.h5ad"
+    bigcat.synth(path, n_cells=3000, n_genes=6000, n_clusters=300, nnz_per_cell=200, seed=1, progress=False)
+    expected = bigcat.cluster_stats(path, stats="sums,sqr_sums,present")  # 300 × 6000 × 18 bytes = 32 MB
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with connect("local", dashboard_address="127.0.0.1:0") as client:
+            result = bigcat.cluster_stats(path, stats="sums,sqr_sums,present", client=client)
+    large = [w for w in caught if "large graph" in str(w.message)]
+    assert not large, large[0].message
+    for name in ("sums", "sqr_sums", "present_counts"):
+        np.testing.assert_array_equal(result[name].values, expected[name].values, err_msg=name)

@@ -290,9 +290,9 @@ def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
     seen = []
     real = stats_module._plan_blocks
 
-    def spy(parts, settings, block_nnz, graph, token, pool=None):
+    def spy(parts, settings, block_nnz, *args):
         seen.append(block_nnz)
-        return real(parts, settings, block_nnz, graph, token, pool)
+        return real(parts, settings, block_nnz, *args)
 
     monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
     monkeypatch.setattr(stats_module, "_plan_blocks", spy)

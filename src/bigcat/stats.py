@@ -43,7 +43,7 @@ import scipy.sparse as sp
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.readers import BLOCK_NNZ, BufferPool, MatrixSource, block_bounds, open_source
-from bigcat.util import PageArena, prefault, release_free_memory, small_pages
+from bigcat.util import ByReference, PageArena, prefault, release_free_memory, small_pages
 
 if TYPE_CHECKING:
     from bigcat.cluster import Capacity
@@ -927,10 +927,18 @@ class _Block:
 
 
 def _plan_blocks(
-    parts: list[_Part], settings: _Settings, block_nnz: int, graph: dict, token: str, pool: BufferPool | None = None
+    parts: list[_Part],
+    settings: _Settings,
+    block_nnz: int,
+    graph: dict,
+    token: str,
+    pool: BufferPool | None = None,
+    task_pool: Any = None,
 ) -> list[_Block]:
     """One entry per block over all inputs, skipping blocks with no selected cell (row
-    blocks are read into arrays from ``pool`` when one is given)."""
+    blocks are read into arrays from ``pool`` when one is given, which the read tasks get
+    as ``task_pool``: the pool itself, or a :class:`bigcat.util.ByReference` to it)."""
+    task_pool = pool if task_pool is None else task_pool
     blocks: list[_Block] = []
     for p, part in enumerate(parts):
         if not (part.codes >= 0).any():
@@ -967,7 +975,7 @@ def _plan_blocks(
                 codes = part.codes[lo:hi]
                 if not (codes >= 0).any():
                     continue
-                read = (_read_rows, source, int(lo), int(hi), pool)
+                read = (_read_rows, source, int(lo), int(hi), task_pool)
                 blocks.append(_Block(read, codes, None, 0, n_genes, lookahead=True))
         else:
             x = part.array
@@ -1048,7 +1056,17 @@ def _blocks(
     acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
     # in this process, blocks are read into reused arrays (a pool never travels to workers)
     pool = BufferPool() if in_process else None
-    blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool)
+    # an in-process distributed worker gets the pool and the result views by reference
+    # (distributed pickles graphs, which would copy them)
+    handles: list[ByReference] = []
+
+    def shared(value: Any) -> Any:
+        if client is None or not in_process or value is None:
+            return value
+        handles.append(ByReference(value))
+        return handles[-1]
+
+    blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool, shared(pool))
     arena = None
     if pool is not None and acc_bytes > BIG_ACCUMULATORS and n_derived:
         # with large accumulators, the blocks are read into the memory the float32
@@ -1103,7 +1121,7 @@ def _blocks(
             lo, hi = int(edges[c]), int(edges[c + 1])
             key = f"bigcat-init-{token}-{r}-{c}"
             views = {name: a[lo:hi] for name, a in out.items()} if in_process and r == 0 else None
-            graph[key] = (_init_task, settings, hi - lo, n_out, views)
+            graph[key] = (_init_task, settings, hi - lo, n_out, shared(views))
             last[c] = key
         tokens: list[str] = []
         for k, block in enumerate(mine):
@@ -1142,7 +1160,12 @@ def _blocks(
         final_keys.append(key)
     workers = min(cap.workers, math.ceil(n_row_parts * n_ranges / cap.threads))
     inputs = [p.source.path for p in parts if p.source is not None]
-    _run(graph, final_keys, client, progress, out, edges, workers=workers, inputs=inputs)
+    try:
+        _run(graph, final_keys, client, progress, out, edges, workers=workers, inputs=inputs)
+    finally:
+        for handle in handles:
+            handle.release()
+    handles.clear()
     del graph, blocks
     # the arena's pages are the statistics' once no block is left in them
     spare = arena if arena is not None and pool is not None and pool.release() else None
