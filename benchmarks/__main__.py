@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -346,8 +347,6 @@ def run_scale(scale: str, n_repeat: int) -> tuple[str, dict]:
 
 
 def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict]:
-    import shutil
-
     results: dict = {}
     lines = [
         f"### Cluster statistics, dataset {scale}: {SCALES[scale]['cells']:,} cells × {SCALES[scale]['genes']:,} genes "
@@ -561,6 +560,77 @@ print(t_load, time.perf_counter() - t, float((best == truth).mean()))
 """
 
 
+WRITE_OUTPUTS = """
+import json, shutil, sys, time, warnings
+from pathlib import Path
+warnings.simplefilter("ignore")
+import bigcat
+from bigcat.mapmycells import write_mapmycells
+t = time.perf_counter()
+ds = bigcat.cluster_stats(sys.argv[1], by="cluster", stats=("means", "present", "sqr_means"))
+print(json.dumps({"step": "compute", "seconds": time.perf_counter() - t}), flush=True)
+folder = Path(sys.argv[2])
+folder.mkdir(exist_ok=True)
+for suffix in sys.argv[3].split(","):
+    part = ds.isel(cluster=slice(0, int(sys.argv[4]))) if suffix == ".csv" else ds
+    target = folder / ("precomputed_stats.h5" if suffix == ".h5" else "stats" + suffix)
+    t = time.perf_counter()
+    if suffix == ".h5":
+        write_mapmycells(part, target, overwrite=True)
+    else:
+        bigcat.write_stats(part, target, overwrite=True)
+    seconds = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in target.rglob("*")) if target.is_dir() else target.stat().st_size
+    print(json.dumps({"step": suffix, "seconds": seconds, "bytes": size, "clusters": part.sizes["cluster"]}),
+          flush=True)
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+"""
+
+OUTPUT_FORMATS = (".zarr", ".parquet", ".h5ad", ".h5", ".csv")
+#: clusters of the CSV measured (the whole 5,000-cluster long table is 161M lines of text)
+CSV_CLUSTERS = 500
+
+
+def run_outputs(scale: str, n_repeat: int, clusters: int = 5000) -> tuple[str, dict]:
+    """Computing the statistics vs writing them, per output format, in one process per run."""
+    h5ad = dataset(scale, clusters)
+    store = DATA / (h5ad.stem + ".zarr")
+    if not store.exists():
+        measure([*BIGCAT, "convert", str(h5ad), str(store), "--quiet"])
+    runs: dict[str, list] = {}
+    out = DATA / "outputs"
+    for i in range(n_repeat):
+        print(f"[outputs {scale}/{clusters}] run {i + 1}/{n_repeat}", flush=True)
+        m = measure([sys.executable, "-c", WRITE_OUTPUTS, str(store), str(out), ",".join(OUTPUT_FORMATS),
+                     str(CSV_CLUSTERS)])  # fmt: skip
+        for line in m["stdout"].splitlines():
+            step = json.loads(line)
+            runs.setdefault(step["step"], []).append(step)
+    shutil.rmtree(out, ignore_errors=True)
+    compute = statistics.median(r["seconds"] for r in runs["compute"])
+    raw = 3 * 4 + 2 * 8 + 2  # bytes per cluster × gene: 3 float32 statistics, 2 float64 sums, uint16 counts
+    lines = [
+        f"### Writing the statistics of {clusters:,} clusters (dataset {scale}), per output format",
+        "",
+        f"One process per run computes `means, present, sqr_means` once (in memory: {gib(raw * clusters * 32285)} "
+        f"of statistics and accumulators), then writes every format in turn; medians of {n_repeat}. Computing took "
+        f"**{compute:.1f} s** (median).",
+        "",
+        "| format | write (median, min–max) | written | write / compute |",
+        "|---|---|---|---|",
+    ]
+    for suffix in OUTPUT_FORMATS:
+        seconds = [r["seconds"] for r in runs[suffix]]
+        med = statistics.median(seconds)
+        size = runs[suffix][-1]["bytes"]
+        what = {".h5": "MapMyCells `precomputed_stats.h5`", ".csv": f"`.csv` (first {CSV_CLUSTERS} clusters)"}
+        lines.append(
+            f"| {what.get(suffix, f'`{suffix}`')} | {med:.1f} s ({min(seconds):.1f}–{max(seconds):.1f}) | "
+            f"{gib(size)} | {med / compute:.2f}× |"
+        )
+    return "\n".join(lines), runs
+
+
 def run_map(n_repeat: int) -> tuple[str, dict]:
     """Correlation mapping of 50k and 200k query cells onto 50-cluster reference statistics."""
     reference = dataset("XS")
@@ -733,13 +803,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument(
-        "--only", choices=["convert", "stats", "s3", "scaling", "map"], help="Run one group of benchmarks."
+        "--only", choices=["convert", "stats", "outputs", "s3", "scaling", "map"], help="Run one group of benchmarks."
     )
     parser.add_argument("--clusters", nargs="+", type=int, default=[50, 5000], help="Cluster counts for stats.")
     parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
-    sections: dict[str, list[str]] = {"convert": [], "stats": [], "s3": [], "scaling": [], "map": []}
+    sections: dict[str, list[str]] = {"convert": [], "stats": [], "outputs": [], "s3": [], "scaling": [], "map": []}
 
     def record(group: str, name: str, text: str, results: object) -> None:
         print(text, flush=True)
@@ -749,6 +819,7 @@ def main() -> None:
     per_scale = {
         "convert": lambda scale: run_scale(scale, ARGS.repeat),
         "stats": lambda scale: run_stats(scale, ARGS.repeat, ARGS.clusters),
+        "outputs": lambda scale: run_outputs(scale, ARGS.repeat, max(ARGS.clusters)),
         "s3": lambda scale: run_s3(scale, ARGS.repeat),
     }
     for scale in ARGS.scale:

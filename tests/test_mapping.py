@@ -160,7 +160,6 @@ def test_knn_vote_mapping_and_cli(split: dict, tmp_path: Path, capsys) -> None:
 def test_mapmycells_precomputed_stats_layout(split: dict, tmp_path: Path) -> None:
     """One pass writes everything cell_type_mapper's precompute_stats writes: n_cells, sum,
     sumsq, gt0, gt1, ge1, the taxonomy tree with each leaf's cell rows, and metadata."""
-    folder = split["folder"]
     reference = split["reference"].copy()
     labels = reference.obs["cluster"].astype(str).to_numpy()
     reference.obs["subclass"] = pd.Categorical([f"sub{int(c[-2:]) % 4}" for c in labels])
@@ -170,7 +169,8 @@ def test_mapmycells_precomputed_stats_layout(split: dict, tmp_path: Path) -> Non
         reference.write_h5ad(tmp_path / "reference.h5ad")
     out = tmp_path / "precomputed_stats.h5"
     code = main(["stats", str(tmp_path / "reference.h5ad"), "--normalize", "log2cpm", "--format", "mapmycells",
-                 "--hierarchy", "class,subclass,cluster", "--out", str(out), "--cluster", "sync", "--quiet"])  # fmt: skip
+                 "--hierarchy", "class,subclass,cluster", "--out", str(out), "--cluster", "sync",
+                 "--quiet"])  # fmt: skip
     assert code == 0
     x = log2cpm(reference.X)
     with h5py.File(out) as f:

@@ -1525,18 +1525,107 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
     return _result(acc, n_cells, clusters, genes, stats, attrs)
 
 
-def _long_table(ds: Any, clusters: slice) -> pd.DataFrame:
-    sub = ds.isel(cluster=clusters)
-    n_c, n_g = sub.sizes["cluster"], sub.sizes["gene"]
+#: uncompressed bytes of one chunk of a statistics store's float64 matrices (rows of clusters × all genes)
+STATS_CHUNK_BYTES = 8 << 20
+#: Blosc settings of a statistics store's matrices (with bit shuffle): float32 statistics
+#: barely compress (1.7×) and LZ4 level 1 with bit shuffle encodes them fastest of the
+#: settings measured (BENCHMARKS.md); float64 sums compress 7×
+STATS_CODEC = {"cname": "lz4", "clevel": 1}
+
+
+def _write_stats_zarr(ds: Any, store: Any) -> None:
+    """The Dataset as a Zarr store; its clusters × genes matrices encoded on every core.
+
+    xarray writes the coordinates and every array's metadata (chunks of rows of clusters
+    × all genes, Blosc LZ4 with bit shuffle); the matrices' chunks are
+    then computed (a slab of a lazy statistic at a time, never a float64 temporary of
+    full size), encoded and stored by a thread pool (NumPy, Blosc and file writes release
+    the GIL). xarray handing whole NumPy arrays to zarr encoded them on one thread, with
+    zarr's default Zstandard and small chunks: 17 s for the 4.8 GB of 5,000 clusters.
+    """
+    import dask.array as da
+    from zarr.codecs import BloscCodec
+
+    matrices = [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
+    n_clusters, n_genes = ds.sizes["cluster"], ds.sizes["gene"]
+    rows = int(max(1, min(n_clusters, STATS_CHUNK_BYTES // max(8 * n_genes, 1))))
+    skeleton = ds.copy()
+    encoding = {}
+    for name in matrices:
+        dtype = ds[name].dtype
+        skeleton[name] = (("cluster", "gene"), da.zeros((n_clusters, n_genes), dtype=dtype, chunks=(rows, n_genes)))
+        skeleton[name].attrs = ds[name].attrs
+        encoding[name] = {
+            "chunks": (rows, n_genes),
+            "compressors": [BloscCodec(shuffle="bitshuffle", **STATS_CODEC)],
+        }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*does not have a Zarr V3 specification.*")
+        skeleton.to_zarr(store, mode="w-", consolidated=True, encoding=encoding, compute=False)
+    _store_chunks(ds, store, matrices, rows)
+
+
+def _store_chunks(ds: Any, store: Any, names: list[str], rows: int) -> None:
+    """Every (rows × all genes) chunk of the matrices ``names`` of ``ds``, encoded as the
+    arrays the skeleton declared (``bytes`` little-endian + Blosc) and stored, in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+    from numcodecs import Blosc
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from bigcat.cluster import capacity
+
+    root = zarr.open_group(store, mode="r+")
+    blosc = Blosc(cname=STATS_CODEC["cname"], clevel=STATS_CODEC["clevel"], shuffle=Blosc.BITSHUFFLE)
+    local = Path(store) if isinstance(store, str) else None  # a local store: plain file writes
+    jobs = []
+    for name in names:
+        array = root[name]
+        for i, lo in enumerate(range(0, ds.sizes["cluster"], rows)):
+            key = array.metadata.encode_chunk_key((i, 0))
+            jobs.append((name, lo, f"{array.path}/{key}" if array.path else key, array.dtype))
+    prototype = default_buffer_prototype()
+
+    def write(job: tuple) -> None:
+        name, lo, key, dtype = job
+        values = np.ascontiguousarray(np.asarray(ds[name][lo : lo + rows].values, dtype=dtype))
+        if values.dtype.byteorder == ">":
+            values = values.astype(values.dtype.newbyteorder("<"))
+        if len(values) < rows:  # an edge chunk is encoded padded to the full chunk, as zarr does
+            values = np.concatenate([values, np.zeros((rows - len(values), values.shape[1]), dtype=values.dtype)])
+        encoded = blosc.encode(values)
+        if local is not None:
+            target = local / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(encoded)
+        else:
+            sync(root.store_path.store.set(key, prototype.buffer.from_bytes(encoded)))
+
+    with ThreadPoolExecutor(capacity(None).threads, thread_name_prefix="bigcat-write") as threads:
+        list(threads.map(write, jobs))
+
+
+def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
+    """Rows ``clusters`` of the long table as an Arrow table: cluster and gene names as
+    dictionary columns over ``names`` (no string per row is ever built), the statistics as
+    flat views of their matrices. Building the rows as pandas strings made writing 5,000
+    clusters' table cost 80 s."""
+    import pyarrow as pa
+
+    lo, hi, _ = clusters.indices(ds.sizes["cluster"])
+    n_c, n_g = hi - lo, ds.sizes["gene"]
     columns = {
-        "cluster": np.repeat(sub["cluster"].values, n_g),
-        "gene": np.tile(sub["gene"].values, n_c),
-        "n_cells": np.repeat(sub["n_cells"].values, n_g),
+        "cluster": pa.DictionaryArray.from_arrays(np.repeat(np.arange(lo, hi, dtype=np.int32), n_g), names["cluster"]),
+        "gene": pa.DictionaryArray.from_arrays(np.tile(np.arange(n_g, dtype=np.int32), n_c), names["gene"]),
+        "n_cells": np.repeat(np.asarray(ds["n_cells"].values[lo:hi]), n_g),
     }
-    for name, var in sub.data_vars.items():
+    for name, var in ds.data_vars.items():
         if var.dims == ("cluster", "gene"):
-            columns[name] = np.asarray(var.values).reshape(-1)
-    return pd.DataFrame(columns)
+            columns[name] = np.ascontiguousarray(np.asarray(var[lo:hi].values)).reshape(-1)
+    return pa.table(columns)
 
 
 def write_stats(
@@ -1593,10 +1682,8 @@ def write_stats(
                 if out[name].dtype == object:
                     out = out.assign_coords({name: out[name].values.astype(str)})
             out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-                store = fs.zarr_store(tmp, storage_options, read_only=False)
-                out.to_zarr(store, mode="w-", consolidated=True)
+            store = fs.zarr_store(tmp, storage_options, read_only=False)
+            _write_stats_zarr(out, store)
             import zarr
 
             root = zarr.open_group(store, mode="r+")
@@ -1639,22 +1726,26 @@ def write_stats(
                 writer.close()
             written.append(final)
         return written
-    attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}).encode()
+    attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))})
     step = max(1, (1 << 22) // max(ds.sizes["gene"], 1))
+    names = {axis: pa.array(np.asarray(ds[axis].values).astype(str)) for axis in ("cluster", "gene")}
     with atomic_path(path, overwrite=overwrite) as tmp:
         writer = None
-        for lo in range(0, ds.sizes["cluster"], step):
-            frame = _long_table(ds, slice(lo, lo + step))
-            frame["cluster"] = frame["cluster"].astype(str)
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if suffix == ".parquet":  # the attributes travel in the schema (CSV has nowhere to keep them)
-                table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"bigcat": attrs_json})
+        for lo in [*range(0, ds.sizes["cluster"], step)] or [0]:
+            table = _long_arrow(ds, slice(lo, lo + step), names)
             if writer is None:
-                writer = open_writer(tmp, table.schema)
+                if suffix == ".parquet":  # strings as before for readers (no Arrow schema: no categoricals)
+                    # dictionary pages and min/max statistics only where they help (the names):
+                    # on the float columns they cost half the writing time and buy nothing
+                    writer = pq.ParquetWriter(
+                        tmp, table.schema, store_schema=False, use_dictionary=["cluster", "gene"],
+                        write_statistics=["cluster", "gene", "n_cells"],
+                    )  # fmt: skip
+                else:
+                    writer = open_writer(tmp, table.schema)
             writer.write_table(table)
-        if writer is None:
-            empty = pa.Table.from_pandas(_long_table(ds, slice(0, 0)), preserve_index=False)
-            writer = open_writer(tmp, empty.schema)
+        if suffix == ".parquet":  # the attributes travel in the file's metadata (CSV has nowhere to keep them)
+            writer.add_key_value_metadata({"bigcat": attrs_json})
         writer.close()
     return [path]
 
