@@ -9,6 +9,7 @@ and each leaf's cells as row positions in the input) and the run's ``metadata``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -127,7 +128,11 @@ def precompute_stats(
             "labels": None if labels is None else str(labels),
             "max_cells_per_cluster": max_cells_per_cluster,
         },
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "duration": time.time() - start,
+        "module": __name__,
+        "version": _version(),
+        "codebase": "bigcat",
     }
     return write_mapmycells(
         result, out, tree=tree, metadata=metadata, overwrite=overwrite, storage_options=storage_options
@@ -136,6 +141,12 @@ def precompute_stats(
 
 #: the largest log2(CPM + 1) value there is: log2(10⁶ + 1)
 MAX_LOG2CPM = float(np.log2(1e6 + 1))
+
+
+def _version() -> str:
+    from bigcat import __version__
+
+    return __version__
 
 
 def _check_log_scale(result: Any, membership: Mapping) -> None:
