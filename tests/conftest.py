@@ -84,6 +84,7 @@ class DaskProcesses:
         memory_limit: str = "3GB",
         nanny: bool = False,
         env: dict | None = None,
+        cwd: Path | None = None,
     ) -> None:
         import json
         import os
@@ -117,7 +118,7 @@ class DaskProcesses:
                 [dask, "worker", self.address, "--nthreads", str(threads), "--nworkers", "1", "--memory-limit",
                  memory_limit, "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
                  "--nanny" if nanny else "--no-nanny"],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
             )  # fmt: skip
             self.procs.append(worker)
             self.workers.append(worker)

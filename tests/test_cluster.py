@@ -192,3 +192,50 @@ def test_in_process_local_cluster_gets_the_result_memory_by_reference(tmp_path):
     assert not large, large[0].message
     for name in ("sums", "sqr_sums", "present_counts"):
         np.testing.assert_array_equal(result[name].values, expected[name].values, err_msg=name)
+
+
+def test_relative_paths_mean_the_clients_files_on_a_remote_cluster(tmp_path):
+    """Workers started in another folder holding a different file of the same name: a
+    relative input was read there (wrong numbers) and a relative output written there (a
+    "complete" store of zeros), both with exit code 0."""
+    mine, theirs = tmp_path / "client", tmp_path / "workers"
+    mine.mkdir()
+    theirs.mkdir()
+    bigcat.synth(mine / "g.h5ad", n_cells=2000, n_genes=300, n_clusters=4, nnz_per_cell=40, seed=1, progress=False)
+    bigcat.synth(theirs / "g.h5ad", n_cells=2000, n_genes=300, n_clusters=4, nnz_per_cell=40, seed=2, progress=False)
+    expected = bigcat.cluster_stats(mine / "g.h5ad", stats="sums")
+    processes = DaskProcesses(tmp_path, n_workers=1, threads=1, cwd=theirs)
+    try:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        run = {"capture_output": True, "text": True, "timeout": 180, "env": env, "cwd": mine}
+        stats = subprocess.run([sys.executable, "-m", "bigcat", "stats", "g.h5ad", "--stats", "sums", "--out",
+                                "s.zarr", "--cluster", processes.address, "--quiet"], **run)  # fmt: skip
+        assert stats.returncode == 0, stats.stderr
+        np.testing.assert_array_equal(bigcat.read_stats(mine / "s.zarr")["sums"].values, expected["sums"].values)
+        copy = subprocess.run([sys.executable, "-m", "bigcat", "convert", "g.h5ad", "rel-out.zarr", "--cluster",
+                               processes.address, "--quiet"], **run)  # fmt: skip
+        assert copy.returncode == 0, copy.stderr
+        assert not (theirs / "rel-out.zarr").exists()
+        np.testing.assert_array_equal(
+            dense(ad.read_zarr(mine / "rel-out.zarr").X), dense(ad.read_h5ad(mine / "g.h5ad").X)
+        )
+    finally:
+        processes.close()
+
+
+def test_a_worker_seeing_another_file_at_the_same_path_is_refused(dask_scheduler, tmp_path):
+    """Existence is not enough: what the workers see (kind, size, modification time) must be
+    the client's file."""
+    from distributed import Client
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"0" * 100)
+    with Client(dask_scheduler) as client:
+        check_visible(client, [path])  # real workers, the same file: fine
+
+    class OtherMachine:  # answers as workers whose file system holds another x.bin
+        def run(self, function, paths):
+            return {"tcp://other-machine:1234": [("file", 100, 0) for _ in paths]}
+
+    with pytest.raises(BigcatInputError, match=r"x\.bin: Dask worker tcp://other-machine:1234 sees another file"):
+        check_visible(OtherMachine(), [path])

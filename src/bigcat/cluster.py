@@ -461,19 +461,40 @@ def check_visible(client: Any, paths: list[str | os.PathLike]) -> None:
     local = [str(Path(p).resolve()) for p in paths if "://" not in str(p)]
     if not local:
         return
-
-    def missing(candidates: list[str]) -> list[str]:
-        return [p for p in candidates if not Path(p).exists()]
-
+    here = _identities(local)
     try:
-        answers = client.run(missing, local)
+        answers = client.run(_identities, local)
     except Exception as error:  # noqa: BLE001 - a dead worker must not hide the real problem
         log.debug("could not check paths on the workers: %s", error)
         return
-    for worker, lost in answers.items():
-        if lost:
-            msg = (
-                f"{lost[0]}: not visible to Dask worker {worker}; put the data on a file system every worker "
-                "mounts, or in object storage (s3://…)"
-            )
-            raise BigcatInputError(msg)
+    for worker, seen in answers.items():
+        for path, mine, theirs in zip(local, here, seen, strict=True):
+            if theirs is None:
+                msg = (
+                    f"{path}: not visible to Dask worker {worker}; put the data on a file system every worker "
+                    "mounts, or in object storage (s3://…)"
+                )
+                raise BigcatInputError(msg)
+            if theirs != mine:
+                msg = (
+                    f"{path}: Dask worker {worker} sees another file or folder at this path (size or modification "
+                    "time differ from this machine's); the workers must mount the same file system"
+                )
+                raise BigcatInputError(msg)
+
+
+def _identities(paths: list[str]) -> list[tuple | None]:
+    """What identifies each path where this runs: kind, size (files) and modification time,
+    ``None`` when absent (run on the client and on every worker, compared)."""
+    out: list[tuple | None] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            out.append(None)
+        elif path.is_dir():  # a folder's own mtime moves with its entries: a Zarr store's root metadata
+            meta = path / "zarr.json"
+            stat = meta.stat() if meta.is_file() else None
+            out.append(("dir", *((stat.st_size, stat.st_mtime_ns) if stat else ())))
+        else:
+            stat = path.stat()
+            out.append(("file", stat.st_size, stat.st_mtime_ns))
+    return out

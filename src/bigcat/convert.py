@@ -95,9 +95,16 @@ def convert(
     """
     output_kind(output)
     non_finite = 0
+    for name, value in (("--chunk-cells (chunk_cells)", chunk_cells), ("block_nnz", block_nnz)):
+        if value is not None and int(value) < 1:  # 0 cells per chunk looped forever
+            msg = f"{name} must be a positive number, not {value}"
+            raise BigcatInputError(msg)
     if shard_values < 1 or (shard_values > SPARSE_CHUNK and shard_values % SPARSE_CHUNK):
         msg = f"shard_values must be at most {SPARSE_CHUNK} or a multiple of it, not {shard_values}"
         raise BigcatInputError(msg)
+    from bigcat.store import refuse_input_as_output
+
+    refuse_input_as_output(output, [input])
     with open_source(input, require_marker=False, storage_options=storage_options) as source:
         obs, var, uns = source.obs, source.var, source.uns
         cells = chunk_cells or DENSE_CHUNK_CELLS

@@ -37,9 +37,14 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def local(path: str | os.PathLike) -> Path:
-    """A local path (``file://`` stripped)."""
+    """A local path, absolute (``file://`` stripped, ``~`` expanded).
+
+    Absolute because the path may travel to Dask workers, which resolve a relative path
+    against *their* working folder: a relative input read another file there, and a
+    relative output was written into the workers' folder."""
     text = str(path)
-    return Path(text[len("file://") :] if text.startswith("file://") else text)
+    text = text[len("file://") :] if text.startswith("file://") else text
+    return Path(os.path.abspath(Path(text).expanduser()))  # noqa: PTH100 - normalizes without resolving links
 
 
 def name_of(path: str | os.PathLike) -> str:

@@ -249,6 +249,10 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike, *, overwrite: bool
     with publish(target, overwrite=overwrite, storage_options=storage_options, kind="file") as tmp:
         if suffix == ".csv":
             frame.to_csv(tmp, index=False)
-        else:
-            frame.to_parquet(tmp, index=False)
+        else:  # the file metadata names bigcat (``--overwrite`` replaces only files bigcat wrote)
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            arrow = pa.Table.from_pandas(frame, preserve_index=False)
+            pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"bigcat": b"{}"}), tmp)
     return target

@@ -434,6 +434,12 @@ def check_format(path: str | os.PathLike) -> str:
     return suffix
 
 
+def _version() -> str:
+    from bigcat import __version__
+
+    return __version__
+
+
 def save(fig: Any, path: str | os.PathLike, *, overwrite: bool = False, storage_options: dict | None = None) -> Any:
     """Write ``fig`` to ``path`` (``.png``, ``.svg`` or ``.pdf``, from the suffix), atomically."""
     from bigcat import fs
@@ -442,5 +448,6 @@ def save(fig: Any, path: str | os.PathLike, *, overwrite: bool = False, storage_
     suffix = check_format(path)
     target = str(path) if fs.is_url(path) else fs.local(path)
     with publish(target, overwrite=overwrite, storage_options=storage_options, kind="file") as tmp:
-        fig.savefig(tmp, format=suffix[1:], dpi=120)
+        software = {"png": "Software", "svg": "Creator", "pdf": "Creator"}[suffix[1:]]
+        fig.savefig(tmp, format=suffix[1:], dpi=120, metadata={software: f"bigcat {_version()}"})
     return target

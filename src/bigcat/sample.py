@@ -154,6 +154,9 @@ def sample(
             raise BigcatInputError(msg)
         cells = genes = math.sqrt(_check_fraction("--fraction", fraction))
     rng = np.random.default_rng(seed)
+    from bigcat.store import refuse_input_as_output
+
+    refuse_input_as_output(output, [input])
     with open_source(input, storage_options=storage_options) as source:
         cell_index = choose_cells(
             source.obs,

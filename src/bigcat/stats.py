@@ -1666,6 +1666,13 @@ def write_stats(
     url = fs.is_url(path)
     path = str(path) if url else fs.local(path)
     suffix = fs.suffix_of(path)
+    try:
+        sources = json.loads(ds.attrs.get("source", "[]"))
+    except (TypeError, ValueError):
+        sources = []
+    from bigcat.store import refuse_input_as_output
+
+    refuse_input_as_output(path, [s for s in sources if isinstance(s, str)])
 
     def atomic_path(target: Any, *, overwrite: bool) -> Any:
         kind = "zarr" if fs.suffix_of(target) == ".zarr" else "file"
@@ -1702,6 +1709,11 @@ def write_stats(
         adata = ad.AnnData(obs=obs, var=var, layers=layers, uns=uns)
         with atomic_path(path, overwrite=overwrite) as tmp:
             adata.write_h5ad(tmp)
+            if not url:  # the mark of a file bigcat wrote (--overwrite replaces only those)
+                import h5py
+
+                with h5py.File(tmp, "a") as f:
+                    f.attrs["bigcat"] = json.dumps({"layout": "stats", "complete": True})
         return [path]
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -1720,6 +1732,8 @@ def write_stats(
             for i, label in enumerate(ds["cluster"].values):
                 columns[str(label)] = pa.array(values[i])
             table = pa.table(columns)
+            if suffix == ".parquet":  # the mark of a file bigcat wrote (--overwrite replaces only those)
+                table = table.replace_schema_metadata({b"bigcat": json.dumps({"statistic": name}).encode()})
             with atomic_path(final, overwrite=overwrite) as tmp:
                 writer = open_writer(tmp, table.schema)
                 writer.write_table(table)

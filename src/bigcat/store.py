@@ -47,7 +47,7 @@ import secrets
 import shutil
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +253,66 @@ def _check_replaceable(final: Path, *, overwrite: bool) -> None:
     if final.is_dir() and read_marker(final) is None:
         msg = f"{final}: output exists and is not a store bigcat wrote; bigcat will not delete it, remove it yourself"
         raise BigcatOutputExistsError(msg)
+    if not final.is_dir() and not written_by_bigcat(final):
+        msg = f"{final}: output exists and is not a file bigcat wrote; bigcat will not replace it, remove it yourself"
+        raise BigcatOutputExistsError(msg)
+
+
+#: the columns each long table bigcat writes as CSV starts with (CSV keeps no metadata)
+CSV_HEADERS = (
+    "cluster,gene,n_cells",  # statistics (long form)
+    "gene,",  # statistics (--wide)
+    "cell,cluster,score",  # map
+    "cluster,rank,gene",  # markers
+)
+
+
+def written_by_bigcat(path: Path) -> bool:
+    """Whether the single file ``path`` is one bigcat wrote (so ``--overwrite`` may replace it).
+
+    ``.h5ad``/``.h5``: the root attribute ``bigcat`` (or, from older versions, the
+    statistics' ``uns/bigcat_stats`` or MapMyCells ``metadata`` naming bigcat); ``.parquet``:
+    the ``bigcat`` key of the file metadata; images: bigcat named as their software; ``.csv``
+    (no place for a marker): the header of one of bigcat's tables.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".h5ad", ".h5"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if MARKER_KEY in f.attrs or "uns/bigcat_stats" in f:
+                    return True
+                return "metadata" in f and b'"written_by": "bigcat"' in bytes(f["metadata"][()])
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return b"bigcat" in (pq.read_metadata(path).metadata or {})
+        if suffix == ".csv":
+            with path.open("r", errors="replace") as handle:
+                first = handle.readline().strip().replace('"', "")
+            return any(first.startswith(h) for h in CSV_HEADERS)
+        if suffix in (".png", ".svg", ".pdf"):
+            with path.open("rb") as handle:
+                return b"bigcat" in handle.read(1 << 16)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def refuse_input_as_output(output: str | os.PathLike, inputs: Iterable[Any]) -> None:
+    """An output that is one of the inputs (the same file once links are resolved) is refused:
+    ``--overwrite`` would replace the input with what is computed from it."""
+    from bigcat import fs
+
+    def where(path: Any) -> str:
+        return str(path).rstrip("/") if fs.is_url(path) else str(fs.local(path).resolve())
+
+    target = where(output)
+    for source in inputs:
+        if isinstance(source, (str, os.PathLike)) and where(source) == target:
+            msg = f"{output}: the output is an input ({source}); write it elsewhere"
+            raise BigcatInputError(msg)
 
 
 class Checkpoints:
@@ -1235,10 +1295,12 @@ class H5adWriter(MatrixWriter):
             dataset.resize((start + n,))
             dataset[start : start + n] = values
 
-    def finish(self, marker: dict) -> None:  # noqa: ARG002 - h5ad files are published by rename only
+    def finish(self, marker: dict) -> None:
         indptr = np.zeros(self.n_cells + 1, dtype=np.int64)
         np.cumsum(self.row_nnz, out=indptr[1:])
         self.x.create_dataset("indptr", data=indptr)
+        # the mark of a file bigcat wrote (``--overwrite`` replaces only those); published by rename
+        self.file.attrs[MARKER_KEY] = json.dumps({**marker, "complete": True}, default=str)
         self.file.close()
 
     def abort(self) -> None:

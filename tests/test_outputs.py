@@ -1,0 +1,93 @@
+"""`--overwrite` replaces only what bigcat wrote, and never an input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import bigcat
+from bigcat.errors import BigcatError
+from bigcat.store import written_by_bigcat
+
+
+def _bigcat(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigcat", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("outputs") / "x.h5ad"
+    bigcat.synth(path, n_cells=400, n_genes=120, n_clusters=3, nnz_per_cell=20, seed=2, progress=False)
+    return path
+
+
+def test_an_output_that_is_an_input_is_refused(small, tmp_path):
+    before = small.read_bytes()
+    done = _bigcat("sample", str(small), str(small), "--n-cells", "10", "--overwrite", "--quiet")
+    assert done.returncode == 2
+    assert "the output is an input" in done.stderr
+    assert done.stderr.count("\n") == 1
+    link = tmp_path / "link.h5ad"  # the same file under another name
+    link.symlink_to(small)
+    with pytest.raises(BigcatError, match="the output is an input"):
+        bigcat.convert(small, link, overwrite=True, progress=False)
+    stats = bigcat.cluster_stats(small, stats="sums")
+    with pytest.raises(BigcatError, match="the output is an input"):
+        bigcat.write_stats(stats, small, overwrite=True)
+    assert small.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".h5ad"])
+def test_overwrite_replaces_only_files_bigcat_wrote(small, tmp_path, suffix):
+    precious = tmp_path / f"precious{suffix}"
+    if suffix == ".csv":
+        pd.DataFrame({"a": [1, 2]}).to_csv(precious, index=False)
+    elif suffix == ".parquet":
+        pd.DataFrame({"a": [1, 2]}).to_parquet(precious)
+    else:
+        ad.AnnData(np.ones((2, 2), dtype=np.float32)).write_h5ad(precious)
+    before = precious.read_bytes()
+    done = _bigcat("stats", str(small), "--out", str(precious), "--overwrite", "--quiet", "--cluster", "threads")
+    assert done.returncode == 2, done.stderr
+    assert "is not a file bigcat wrote" in done.stderr
+    assert precious.read_bytes() == before
+    # what bigcat wrote, it may replace
+    ours = tmp_path / f"ours{suffix}"
+    for _ in range(2):
+        done = _bigcat("stats", str(small), "--out", str(ours), "--overwrite", "--quiet", "--cluster", "threads")
+        assert done.returncode == 0, done.stderr
+    assert written_by_bigcat(ours)
+
+
+def test_every_single_file_bigcat_writes_carries_its_mark(small, tmp_path):
+    stats = bigcat.cluster_stats(small, stats="means,present")
+    paths = [bigcat.sample(small, tmp_path / "s.h5ad", n_cells=50, progress=False)]
+    paths += bigcat.write_stats(stats, tmp_path / "w.parquet", wide=True)
+    from bigcat.marker_genes import write_table
+    from bigcat.plot import save
+
+    markers = bigcat.markers(stats, top=2)
+    paths += [write_table(markers, tmp_path / "m.csv"), write_table(markers, tmp_path / "m.parquet")]
+    paths += [save(bigcat.dotplot(stats, markers=1), tmp_path / f"d{s}") for s in (".png", ".svg", ".pdf")]
+    from bigcat.mapmycells import write_mapmycells
+
+    paths.append(write_mapmycells(stats, tmp_path / "p.h5"))
+    for path in paths:
+        assert written_by_bigcat(Path(path)), path
+
+
+@pytest.mark.parametrize("option", [["--chunk-cells", "0"], ["--chunk-cells", "-5"], ["--shard-values", "0"]])
+def test_non_positive_sizes_are_refused_at_once(small, tmp_path, option):
+    """`convert --chunk-cells 0 --layout dense` looped forever with growing memory."""
+    done = _bigcat("convert", str(small), str(tmp_path / "o.zarr"), "--layout", "dense", *option, "--quiet")
+    assert done.returncode == 2, done.stderr
+    assert "must be" in done.stderr
+    assert not (tmp_path / "o.zarr").exists()
