@@ -225,3 +225,25 @@ def test_mapmycells_taxonomy_table_and_refusals(split: dict, tmp_path: Path) -> 
     with pytest.raises(BigcatInputError, match="not log2"):
         precompute_stats(folder / "reference.h5ad", tmp_path / "r.h5", normalize=None)
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_mapping_onto_an_unrelated_reference_is_refused_or_warned(split: dict, tmp_path: Path, caplog) -> None:
+    """14 of 1,000 markers in the query once reported "mapped 5,000 cells (median score 0.726)"."""
+    query = split["query"].copy()
+    names = np.asarray(query.var_names).astype(object)
+    rng = np.random.default_rng(1)
+    for fraction, path in ((0.98, tmp_path / "other.h5ad"), (0.25, tmp_path / "partly.h5ad")):
+        renamed = names.copy()
+        hit = rng.random(len(names)) < fraction
+        renamed[hit] = [f"other-{n}" for n in names[hit]]
+        q = query.copy()
+        q.var_names = renamed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q.write_h5ad(path)
+    with pytest.raises(BigcatInputError, match=r"only \d+ of the reference's \d+ marker genes"):
+        map_cells(tmp_path / "other.h5ad", split["stats"])
+    caplog.set_level("WARNING", logger="bigcat")
+    mapped = map_cells(tmp_path / "partly.h5ad", split["stats"])
+    assert len(mapped) == query.n_obs
+    assert any("marker genes" in r.getMessage() and "are in the query" in r.getMessage() for r in caplog.records)

@@ -91,3 +91,45 @@ def test_non_positive_sizes_are_refused_at_once(small, tmp_path, option):
     assert done.returncode == 2, done.stderr
     assert "must be" in done.stderr
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_cells_given_twice_or_merged_twice_are_refused(small, tmp_path, caplog):
+    """The same cells through two inputs, or a result merged with itself, were counted twice."""
+    sparse = bigcat.convert(small, tmp_path / "a.zarr", progress=False)
+    dense_store = bigcat.convert(small, tmp_path / "a-dense.zarr", layout="dense", progress=False)
+    with pytest.raises(BigcatError, match=r"are also in .*a\.zarr; they would be counted twice"):
+        bigcat.cluster_stats([sparse, dense_store], stats="sums")
+    twice = bigcat.cluster_stats([sparse, dense_store], stats="sums", allow_duplicate_cells=True)
+    once = bigcat.cluster_stats(sparse, stats="sums")
+    np.testing.assert_array_equal(twice["sums"].values, 2 * once["sums"].values)
+    bigcat.write_stats(once, tmp_path / "s.zarr")
+    done = _bigcat("stats", "--merge", str(tmp_path / "s.zarr"), str(tmp_path / "s.zarr"), "--out",
+                   str(tmp_path / "m.zarr"), "--quiet")  # fmt: skip
+    assert done.returncode == 2
+    assert "merged twice" in done.stderr
+    merged = bigcat.merge_stats([tmp_path / "s.zarr", tmp_path / "s.zarr"], allow_repeats=True)
+    np.testing.assert_array_equal(merged["sums"].values, 2 * once["sums"].values)
+    # a merge remembers its runs: merging it with one of its parts is refused too
+    other = bigcat.cluster_stats(sparse, stats="sums")
+    both = bigcat.merge_stats([once, other])
+    with pytest.raises(BigcatError, match="merged twice"):
+        bigcat.merge_stats([both, other])
+
+
+def test_cells_without_a_label_are_reported_in_one_line(small, tmp_path, caplog):
+    names = ad.read_h5ad(small).obs_names
+    table = pd.DataFrame({"cell": names[100:], "label": ["a"] * (len(names) - 100)})
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    caplog.set_level("WARNING", logger="bigcat")
+    result = bigcat.cluster_stats(small, labels=tmp_path / "labels.csv", label_column="label", cell_column="cell")
+    assert int(result["n_cells"].sum()) == len(names) - 100
+    lines = [r.getMessage() for r in caplog.records if "have no label" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"100 of {len(names)} cells have no label" in lines[0]
+
+
+def test_wide_is_refused_where_it_cannot_apply(small, tmp_path):
+    stats = bigcat.cluster_stats(small, stats="sums")
+    for suffix in (".zarr", ".h5ad"):
+        with pytest.raises(BigcatError, match="--wide"):
+            bigcat.write_stats(stats, tmp_path / f"w{suffix}", wide=True)

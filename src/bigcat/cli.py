@@ -259,6 +259,10 @@ def stats(
     ] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
+    allow_duplicates: Annotated[
+        bool,
+        typer.Option("--allow-duplicates", help="Accept inputs sharing cell names, or merging a result twice."),
+    ] = False,
     cluster: ClusterSpec = None,
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
@@ -299,7 +303,7 @@ def stats(
         if out is None:
             msg = "--merge needs --out"
             raise BigcatInputError(msg)
-        result = merge_stats(inputs, storage_options=options)
+        result = merge_stats(inputs, storage_options=options, allow_repeats=allow_duplicates)
     else:
         with connect(cluster, idle_timeout=idle_timeout) as client:
             _dashboard(client)
@@ -321,6 +325,7 @@ def stats(
                 client=client,
                 progress=_progress(quiet, progress),
                 storage_options=options,
+                allow_duplicate_cells=allow_duplicates,
             )
     if out is None:
         typer.echo(result)

@@ -27,6 +27,7 @@ log2(x / cell total × 10⁶ + 1), the total over all of its genes, not only the
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ from bigcat.errors import BigcatInputError
 
 __all__ = ["knn", "map_cells"]
 
+log = logging.getLogger("bigcat")
+
 #: stored values per query block read by one task
 QUERY_BLOCK_NNZ = 4_000_000
 METRICS = ("cosine", "euclidean", "correlation")
@@ -47,6 +50,32 @@ METHODS = ("exact", "pynndescent", "hnswlib")
 # --------------------------------------------------------------------------------------------
 # reading rows of selected genes, normalized, block by block
 # --------------------------------------------------------------------------------------------
+#: the fraction of the reference's marker genes a query must hold: below it the mapping is
+#: refused (a query of another species or gene-naming scheme), below ``WARN_OVERLAP`` warned
+MIN_OVERLAP = 0.5
+WARN_OVERLAP = 0.9
+
+
+def _check_overlap(query: Any, reference: Any, n_found: int, n_markers: int) -> None:
+    """Refuse, or warn about, a query that lacks most of the reference's marker genes: a
+    mapping over 14 of 1,000 markers reported a median score of 0.73 as if all were well."""
+    fraction = n_found / max(n_markers, 1)
+    if fraction < MIN_OVERLAP:
+        msg = (
+            f"{query}: only {n_found} of the reference's {n_markers} marker genes ({fraction:.1%}) are in the query; "
+            f"is {reference} a reference for these cells (same species, same gene names)?"
+        )
+        raise BigcatInputError(msg)
+    if fraction < WARN_OVERLAP:
+        log.warning(
+            "%s: %d of the reference's %d marker genes (%.1f%%) are in the query; the others are left out",
+            query,
+            n_found,
+            n_markers,
+            100 * fraction,
+        )
+
+
 def _gene_columns(source: Any, genes: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``genes`` in ``source`` and which of ``genes`` were found."""
     names = pd.Index(np.asarray(source.var_names()).astype(str))
@@ -229,6 +258,7 @@ def map_cells(
             raise BigcatInputError(msg)
     source = _open(query, storage_options)
     columns, found = _gene_columns(source, list(genes), "marker")
+    _check_overlap(source.path, ref_name, int(found.sum()), len(found))
     genes = list(np.asarray(genes)[found])
     if len(genes) < 2:
         msg = f"{source.path}: only {len(genes)} marker gene(s) in the query; correlation needs at least 2"

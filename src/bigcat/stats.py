@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -370,6 +371,7 @@ def cluster_stats(
     block_nnz: int | None = None,
     progress: bool | None = False,
     storage_options: dict | None = None,
+    allow_duplicate_cells: bool = False,
     _membership: dict | None = None,
 ) -> Any:
     """Per-cluster × gene statistics of a cell-by-gene matrix, out of core.
@@ -435,6 +437,9 @@ def cluster_stats(
         Show a progress bar (``None``: only on a terminal).
     storage_options
         fsspec options for URL inputs and label tables (``s3://…``; see :mod:`bigcat.fs`).
+    allow_duplicate_cells
+        Several inputs sharing cell names are refused (the same cells given twice would be
+        counted twice) unless this is true.
 
     Returns
     -------
@@ -485,6 +490,8 @@ def cluster_stats(
         msg = f"{', '.join(p.name for p in parts)}: X has no {what} ({n_total} × {len(gene_names)}): nothing to compute"
         raise BigcatInputError(msg)
     attrs: dict[str, Any] = {}
+    if len(parts) > 1 and not allow_duplicate_cells:
+        _refuse_shared_cells(parts)
 
     # -- labels → global codes --------------------------------------------------------------
     if labels is not None:
@@ -507,6 +514,15 @@ def cluster_stats(
             raise BigcatInputError(msg)
         codes, clusters = _factorize([values])
         by_desc = "array"
+    unlabelled = int(np.count_nonzero(codes < 0))
+    if unlabelled:
+        log.warning(
+            "%s: %d of %d cells have no label in %s and are left out",
+            ", ".join(p.name for p in parts),
+            unlabelled,
+            n_total,
+            by_desc,
+        )
     if cells is not None:
         names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
         keep = np.zeros(n_total, dtype=bool)
@@ -574,6 +590,8 @@ def cluster_stats(
             "max_cells_per_cluster": -1 if max_cells_per_cluster is None else int(max_cells_per_cluster),
             "seed": int(seed),
             "n_cells_excluded": int(n_total - n_cells.sum()),
+            "n_cells_unlabelled": unlabelled,
+            "runs": json.dumps([uuid.uuid4().hex]),  # provenance: merging a result with itself is refused
             "bigcat_version": _version(),
         }
     )
@@ -628,6 +646,24 @@ def _default_block_nnz(n_clusters: int, n_genes: int, settings: _Settings, in_pr
         return BLOCK_NNZ
     largest = MAX_BLOCK_NNZ if in_process else BLOCK_NNZ * 4
     return int(np.clip(acc_bytes // BIG_BLOCK_DIVISOR, BLOCK_NNZ * 4, largest))
+
+
+def _refuse_shared_cells(parts: list[_Part]) -> None:
+    """Inputs sharing cell names would count those cells twice (``a.zarr a-dense.zarr``)."""
+    names = [pd.Index(np.asarray(p.cell_names).astype(str)).unique() for p in parts]
+    owner = np.repeat(np.arange(len(parts)), [len(n) for n in names])
+    every = pd.Index(np.concatenate([np.asarray(n) for n in names])) if names else pd.Index([])
+    twice = every.duplicated(keep=False)
+    if not twice.any():
+        return
+    where = sorted(set(owner[twice].tolist()))
+    first, second = parts[where[0]], parts[where[1]]
+    example = every[twice][0]
+    msg = (
+        f"{second.name}: {int(twice.sum()) // 2} of its cells (e.g. {example!r}) are also in {first.name}; they "
+        "would be counted twice (pass allow_duplicate_cells=True / --allow-duplicates if they are different cells)"
+    )
+    raise BigcatInputError(msg)
 
 
 def _check_present_at(specs: str | Iterable[str]) -> tuple[tuple[str, float, bool], ...]:
@@ -1463,7 +1499,7 @@ def _read_stats_table(path: str, storage_options: dict | None) -> Any:
     return xr.Dataset(variables, coords={"cluster": clusters, "gene": genes}, attrs=attrs)
 
 
-def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> Any:
+def merge_stats(results: Sequence[Any], storage_options: dict | None = None, *, allow_repeats: bool = False) -> Any:
     """Merge statistics computed over disjoint sets of cells, exactly.
 
     Parameters
@@ -1472,6 +1508,9 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
         Datasets from :func:`cluster_stats` or paths of ``.zarr`` statistics stores. They
         must share genes and options (threshold, present_op, normalize); clusters are the
         union, in order of first appearance.
+    allow_repeats
+        A result merged with itself (or with a merge that already holds it: every result
+        records the runs it comes from in ``attrs["runs"]``) is refused unless this is true.
 
     Returns
     -------
@@ -1498,6 +1537,18 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
                     f"{first.attrs.get(key)!r} vs {ds.attrs.get(key)!r}"
                 )
                 raise BigcatInputError(msg)
+    runs: list[str] = []
+    for ds, given in zip(loaded, results, strict=True):
+        mine = _runs(ds)
+        repeated = set(mine) & set(runs)
+        if repeated and not allow_repeats:
+            name = given if isinstance(given, (str, os.PathLike)) else "a result"
+            msg = (
+                f"{name}: merged twice (its cells come from a run already merged here); "
+                "pass allow_repeats=True / --allow-duplicates to merge it anyway"
+            )
+            raise BigcatInputError(msg)
+        runs += mine
     stats = [s for s in str(first.attrs.get("stats", "")).split(",") if s]
     stats = [s for s in stats if all(all(a in ds for a in NEEDS[s]) for ds in loaded)]
     clusters = pd.Index(first["cluster"].values)
@@ -1521,7 +1572,13 @@ def merge_stats(results: Sequence[Any], storage_options: dict | None = None) -> 
             sources += json.loads(ds.attrs.get("source", "[]"))
         except (TypeError, ValueError):
             sources.append(str(ds.attrs.get("source")))
-    attrs = {**first.attrs, "source": json.dumps(sources), "merged_from": len(loaded), "stats": ",".join(stats)}
+    attrs = {
+        **first.attrs,
+        "source": json.dumps(sources),
+        "merged_from": len(loaded),
+        "stats": ",".join(stats),
+        "runs": json.dumps(runs),
+    }
     return _result(acc, n_cells, clusters, genes, stats, attrs)
 
 
@@ -1608,6 +1665,14 @@ def _store_chunks(ds: Any, store: Any, names: list[str], rows: int) -> None:
         list(threads.map(write, jobs))
 
 
+def _runs(ds: Any) -> list[str]:
+    """The runs a result's cells come from (none recorded by older versions)."""
+    try:
+        return [str(r) for r in json.loads(ds.attrs.get("runs", "[]") or "[]")]
+    except (TypeError, ValueError):
+        return []
+
+
 def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
     """Rows ``clusters`` of the long table as an Arrow table: cluster and gene names as
     dictionary columns over ``names`` (no string per row is ever built), the statistics as
@@ -1680,6 +1745,9 @@ def write_stats(
 
     if suffix not in (".zarr", ".parquet", ".csv", ".h5ad"):
         msg = f"{path}: unknown output type {suffix or '(none)'!r}; use .zarr, .parquet, .csv or .h5ad"
+        raise BigcatInputError(msg)
+    if wide and suffix not in (".parquet", ".csv"):
+        msg = f"{path}: --wide (wide=True) is for .parquet and .csv tables; a {suffix} output is always whole"
         raise BigcatInputError(msg)
     matrices = [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
     if suffix == ".zarr":
