@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import s3fs
 
 import bigcat
 from bigcat.errors import BigcatError
@@ -183,3 +184,24 @@ def test_server_errors_are_retried_then_reported(small):
         assert len(hits) >= 2  # retried
     finally:
         server.shutdown()
+
+
+def test_a_server_that_stops_answering_ends_the_run(tmp_path_factory, small):
+    """SIGSTOP on the S3 server: connections are accepted and never answered; the run hung
+    6 min 38 s. Every wait is bounded (read timeouts, botocore's and s3fs's retries)."""
+    import signal
+
+    server = S3Server(tmp_path_factory.mktemp("stopped"))
+    try:
+        s3fs.S3FileSystem(**server.options(), skip_instance_cache=True).mkdir("stopped")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        options = server.options(config_kwargs={"read_timeout": 2})  # the defaults (20 s) bound it at ~3 min
+        with pytest.raises(Exception, match=r"[Tt]imeout") as error:
+            bigcat.convert(small, "s3://stopped/x.zarr", storage_options=options, progress=False)
+        elapsed = time.monotonic() - start
+        assert elapsed < 60, elapsed
+        assert "\n" not in str(error.value).strip()
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.close()

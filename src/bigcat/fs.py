@@ -27,7 +27,10 @@ from typing import Any
 __all__ = ["filesystem", "is_url", "name_of", "open_file", "parse_storage_options", "suffix_of", "zarr_store"]
 
 #: bounded waits for S3 unless the caller says otherwise (botocore's defaults wait minutes)
-S3_DEFAULT_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 4, "mode": "standard"}}
+S3_DEFAULT_CONFIG = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
+#: s3fs's own retries around each call (its default, 5, times botocore's attempts made a
+#: server that stops answering hang a conversion for minutes)
+S3FS_RETRIES = 2
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -73,7 +76,15 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]
     """``(fsspec filesystem, path within it)`` for a URL."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    fs, inner = fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    return _bounded(fs), inner
+
+
+def _bounded(fs: Any) -> Any:
+    """An s3fs filesystem with its own retries bounded (see :data:`S3FS_RETRIES`)."""
+    if type(fs).__module__.startswith("s3fs") and getattr(fs, "retries", 0) > S3FS_RETRIES:
+        fs.retries = S3FS_RETRIES
+    return fs
 
 
 def zarr_store(path: str | os.PathLike, storage_options: dict | None = None, *, read_only: bool = True) -> Any:
@@ -84,7 +95,9 @@ def zarr_store(path: str | os.PathLike, storage_options: dict | None = None, *, 
     from zarr.storage import FsspecStore
 
     url = str(path)
-    return FsspecStore.from_url(url, storage_options=_options(url, storage_options), read_only=read_only)
+    store = FsspecStore.from_url(url, storage_options=_options(url, storage_options), read_only=read_only)
+    _bounded(store.fs)
+    return store
 
 
 def exists(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
