@@ -143,3 +143,34 @@ def test_stats_command_outputs_and_merge(tmp_path):
     assert len(errors) == 1  # one line, no traceback (a dashboard link line may precede it)
     assert "no obs column 'nope'" in errors[0]
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_version_quiet_everywhere_and_sample_needs_a_choice(tmp_path):
+    from bigcat import __version__
+
+    done = bigcat("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"bigcat {__version__}"
+    path = tmp_path / "a.h5ad"
+    assert bigcat("synth", path, "--cells", 300, "--genes", 100, "--clusters", 3, "-q").returncode == 0
+    done = bigcat("sample", path, tmp_path / "b.h5ad")
+    assert done.returncode == 2
+    assert "sample needs a choice" in done.stderr
+    assert not (tmp_path / "b.h5ad").exists()
+    done = bigcat("sample", path, tmp_path / "b.h5ad", "--cell-fraction", 0.5, "--gene-fraction", 0.5, "-q")
+    assert done.returncode == 0, done.stderr
+    assert ad.read_h5ad(tmp_path / "b.h5ad").shape == (150, 50)
+    stats = tmp_path / "s.zarr"
+    assert bigcat("stats", path, "--out", stats, "-q", "--cluster", "threads").returncode == 0
+    for command in (["markers", stats], ["plot", "dotplot", stats, "--markers", 1, "--out", tmp_path / "d.png"]):
+        done = bigcat(*command, "--quiet")
+        assert done.returncode == 0, done.stderr
+
+
+def test_progress_counts_are_integers_when_small(capsys):
+    from bigcat.progress import progress_bar
+
+    with progress_bar(total=16, unit="blocks", desc="stats", enabled=True) as bar:
+        bar.update(3)
+        bar.refresh()
+    assert "3/16" in capsys.readouterr().err

@@ -62,10 +62,21 @@ def _dashboard(client: object) -> None:
         typer.echo(f"bigcat: Dask dashboard: {client.dashboard_link}", err=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from bigcat import __version__
+
+        typer.echo(f"bigcat {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is done.")] = False,
+    version: Annotated[  # noqa: ARG001 - handled by its eager callback
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_show_version, is_eager=True)
+    ] = False,
 ) -> None:
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
@@ -168,8 +179,14 @@ def sample(
     input: Annotated[str, typer.Argument(help="IN.h5ad or IN.zarr (a path or a URL)")],  # noqa: A002
     output: Annotated[str, typer.Argument(help="OUT.h5ad or OUT.zarr (a path or a URL)")],
     fraction: Annotated[Optional[float], typer.Option("--fraction", help="Keep sqrt(F) of cells and of genes.")] = None,  # noqa: UP045
-    cells: Annotated[Optional[float], typer.Option("--cells", help="Fraction of cells to keep.")] = None,  # noqa: UP045
-    genes: Annotated[Optional[float], typer.Option("--genes", help="Fraction of genes to keep.")] = None,  # noqa: UP045
+    cells: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--cell-fraction", "--cells", help="Fraction of cells to keep (0–1)."),
+    ] = None,
+    genes: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--gene-fraction", "--genes", help="Fraction of genes to keep (0–1)."),
+    ] = None,
     n_cells: Annotated[Optional[int], typer.Option("--n-cells", help="Number of cells to keep.")] = None,  # noqa: UP045
     max_cells_per_cluster: Annotated[
         Optional[int], typer.Option("--max-cells-per-cluster", help="At most N cells per --by group.")  # noqa: UP045
@@ -190,7 +207,15 @@ def sample(
     import contextlib
 
     from bigcat.cluster import connect
+    from bigcat.errors import BigcatInputError
     from bigcat.sample import sample as run
+
+    if all(v is None for v in (fraction, cells, genes, n_cells, max_cells_per_cluster)):
+        msg = (
+            "sample needs a choice of what to keep: --fraction F, --cell-fraction F [--gene-fraction F], --n-cells N "
+            "or --max-cells-per-cluster N (use convert to copy everything)"
+        )
+        raise BigcatInputError(msg)
 
     with connect(cluster, idle_timeout=idle_timeout) if cluster else contextlib.nullcontext() as client:
         _dashboard(client)
@@ -369,6 +394,7 @@ def markers_(
     out: Annotated[Optional[str], typer.Option("--out", help="markers.csv or markers.parquet")] = None,  # noqa: UP045
     overwrite: Overwrite = False,
     storage_option: StorageOptions = None,
+    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to silence here)
 ) -> None:
     """Top marker genes per cluster, ranked by specificity (present in vs out, log fold change)."""
     from bigcat.marker_genes import markers, write_table
@@ -432,6 +458,7 @@ def plot_dotplot(
     out: FigureOut = "dotplot.png",
     overwrite: Overwrite = False,
     storage_option: StorageOptions = None,
+    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to silence here)
 ) -> None:
     """Dot plot: dot area = fraction of cells present, colour = cluster mean."""
     _plot(
@@ -459,6 +486,7 @@ def plot_heatmap(
     out: FigureOut = "heatmap.png",
     overwrite: Overwrite = False,
     storage_option: StorageOptions = None,
+    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to silence here)
 ) -> None:
     """Heatmap of cluster means (clusters × genes), optionally scaled per gene."""
     _plot(
@@ -486,6 +514,7 @@ def map_(
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     storage_option: StorageOptions = None,
+    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to silence here)
 ) -> None:
     """Map query cells onto reference clusters (correlation with cluster means over markers, or kNN vote)."""
     from bigcat.cluster import connect
@@ -515,6 +544,7 @@ def open_(
     idle_timeout: IdleTimeout = None,
     command: Annotated[Optional[str], typer.Option("--command", "-c", help="Run this code and exit.")] = None,  # noqa: UP045
     storage_option: StorageOptions = None,
+    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to silence here)
 ) -> None:
     """An interactive Python shell with the datasets opened and a Dask client ready."""
     from bigcat.shell import open_shell

@@ -28,8 +28,10 @@ def progress_bar(*, total: int | None, unit: str, desc: str, enabled: bool | Non
     """
     if enabled is None:
         enabled = sys.stderr.isatty()
+    # SI prefixes (1.2M cells) for large counts only: small ones stay integers (3/16 blocks, not 3.00/16.0)
+    scale = total is None or total >= 10_000
     bar = tqdm(
-        total=total, unit=unit, desc=desc, disable=not enabled, unit_scale=True, dynamic_ncols=True, file=sys.stderr
+        total=total, unit=unit, desc=desc, disable=not enabled, unit_scale=scale, dynamic_ncols=True, file=sys.stderr
     )
     try:
         yield bar

@@ -1616,10 +1616,7 @@ def _write_stats_zarr(ds: Any, store: Any) -> None:
             "chunks": (rows, n_genes),
             "compressors": [BloscCodec(shuffle="bitshuffle", **STATS_CODEC)],
         }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        warnings.filterwarnings("ignore", category=UserWarning, message=".*does not have a Zarr V3 specification.*")
-        skeleton.to_zarr(store, mode="w-", consolidated=True, encoding=encoding, compute=False)
+    skeleton.to_zarr(store, mode="w-", consolidated=True, encoding=encoding, compute=False)
     _store_chunks(ds, store, matrices, rows)
 
 
@@ -1758,13 +1755,17 @@ def write_stats(
                     out = out.assign_coords({name: out[name].values.astype(str)})
             out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
             store = fs.zarr_store(tmp, storage_options, read_only=False)
-            _write_stats_zarr(out, store)
             import zarr
+            from zarr.errors import UnstableSpecificationWarning
 
-            root = zarr.open_group(store, mode="r+")
-            root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
             with warnings.catch_warnings():
+                # zarr's notes on consolidated metadata and on the names' fixed-length strings
+                # (read back by zarr-python and xarray): once here, not a page per array
                 warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+                warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
+                _write_stats_zarr(out, store)
+                root = zarr.open_group(store, mode="r+")
+                root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
                 zarr.consolidate_metadata(store)
         return [path]
     if suffix == ".h5ad":
