@@ -133,3 +133,21 @@ def test_wide_is_refused_where_it_cannot_apply(small, tmp_path):
     for suffix in (".zarr", ".h5ad"):
         with pytest.raises(BigcatError, match="--wide"):
             bigcat.write_stats(stats, tmp_path / f"w{suffix}", wide=True)
+
+
+def test_concurrent_conversions_to_one_output_take_turns(tmp_path):
+    """Three at once crashed each other with FileNotFoundError and left temporary files."""
+    source = tmp_path / "big.h5ad"
+    bigcat.synth(source, n_cells=20_000, n_genes=2000, n_clusters=5, nnz_per_cell=300, seed=4, progress=False)
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "bigcat", "convert", str(source), str(out), "--quiet"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0, results  # one wins ...
+    for code, err in results:  # ... the others say why, in one line
+        if code:
+            assert code == 2, err
+            assert "another bigcat process is writing" in err or "output exists" in err, err
+    assert (ad.read_zarr(out).X != ad.read_h5ad(source).X).nnz == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5ad", "out.zarr"]  # nothing left behind

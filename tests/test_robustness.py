@@ -107,12 +107,14 @@ def test_resume_refuses_a_changed_input_and_overwrite_starts_over(medium: Path, 
     shutil.copy(medium, source)
     output = tmp_path / "out.zarr"
     start_and_interrupt(source, output, "sparse", signal.SIGKILL)
+    # another shard size: the message names the recorded one and the flag that continues the run
+    pattern = rf"used --shard-values {SHARD} .*rerun with --resume --shard-values {SHARD}"
+    with pytest.raises(BigcatInputError, match=pattern):
+        bigcat.convert(source, output, shard_values=2 * SHARD, progress=False, resume=True)
     bigcat.synth(source, n_cells=20_000, n_genes=2000, n_clusters=10, nnz_per_cell=200, seed=2, progress=False,
                  overwrite=True)  # fmt: skip
-    with pytest.raises(BigcatInputError, match=r"refusing to resume.*source"):
+    with pytest.raises(BigcatInputError, match=r"refusing to resume: the input changed since"):
         bigcat.convert(source, output, shard_values=SHARD, progress=False, resume=True)
-    with pytest.raises(BigcatInputError, match=r"refusing to resume.*shard"):
-        bigcat.convert(source, output, shard_values=2 * SHARD, progress=False, resume=True)
     with pytest.raises(BigcatOutputExistsError, match="interrupted conversion"):
         bigcat.convert(source, output, shard_values=SHARD, progress=False)
     bigcat.convert(source, output, shard_values=SHARD, progress=False, overwrite=True)

@@ -205,3 +205,11 @@ def test_a_server_that_stops_answering_ends_the_run(tmp_path_factory, small):
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.close()
+
+
+def test_an_unknown_storage_option_is_one_line(small):
+    """`--storage-option bogus=1` printed aiobotocore's traceback at the first request."""
+    done = run_cli("convert", small, "s3://bucket/x.zarr", "--quiet", "--storage-option=bogus=1")
+    assert done.returncode == 2
+    assert "unknown storage option 'bogus'" in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr

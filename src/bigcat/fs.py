@@ -59,9 +59,29 @@ def suffix_of(path: str | os.PathLike) -> str:
     return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
+def _check_s3_options(url: str, options: dict) -> None:
+    """Unknown s3fs options fail with one line here instead of a traceback at the first request."""
+    import inspect
+
+    import s3fs
+
+    known = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters) | {"endpoint_url"}
+    fsspec_common = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous"}
+    unknown = sorted(set(options) - known - fsspec_common)
+    if unknown:
+        msg = (
+            f"{url}: unknown storage option {unknown[0]!r} for S3 (known: endpoint_url, key, secret, token, anon, "
+            "profile, region via client_kwargs={'region_name': …}, config_kwargs, requester_pays, …)"
+        )
+        from bigcat.errors import BigcatInputError
+
+        raise BigcatInputError(msg)
+
+
 def _options(url: str, storage_options: dict | None) -> dict:
     options = dict(storage_options or {})
     if url.startswith(("s3://", "s3a://")):
+        _check_s3_options(url, options)
         config = dict(S3_DEFAULT_CONFIG)
         config.update(options.pop("config_kwargs", {}) or {})
         options["config_kwargs"] = config

@@ -423,8 +423,81 @@ def _settings_differ(recorded: dict, wanted: dict) -> list[str]:
     return [key for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key)]
 
 
+#: the options of ``bigcat convert`` behind each recorded setting a resume must repeat
+SETTING_FLAGS = {"shard": "--shard-values", "chunk_cells": "--chunk-cells", "layout": "--layout"}
+
+
+def _resume_refusal(final: Any, changed: list[str], recorded: dict, wanted: dict) -> str:
+    """Why a resume is refused, naming what to pass: the interrupted run's own options, or
+    that its input changed (then only starting over helps)."""
+    options = [key for key in changed if key in SETTING_FLAGS]
+    if options and len(options) == len(changed):
+        flags = " ".join(f"{SETTING_FLAGS[key]} {recorded.get(key)}" for key in options)
+        used = ", ".join(f"{SETTING_FLAGS[key]} {recorded.get(key)} (this run: {wanted.get(key)})" for key in options)
+        return (
+            f"{final}: the interrupted conversion used {used}; rerun with --resume {flags} to continue it, "
+            "or --overwrite to start over"
+        )
+    what = "the input changed since" if "source" in changed else f"other {' and '.join(changed)} than"
+    return f"{final}: refusing to resume: {what} the interrupted conversion; rerun with --overwrite to start over"
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike) -> Iterator[None]:
+    """One bigcat process at a time writes a local output: three concurrent conversions to
+    one store crashed each other (``FileNotFoundError``) and left temporary files. An
+    exclusive ``flock`` on ``.NAME.bigcat-lock`` beside it (released by the kernel if the
+    process dies; the file is reused then, and removed on the way out)."""
+    import fcntl
+
+    from bigcat import fs
+
+    if fs.is_url(final):  # object stores have no locks: their writes are made atomic instead
+        yield
+        return
+    final = fs.local(final)
+    lock = final.parent / f".{final.name}.bigcat-lock"
+    try:
+        handle = lock.open("a+")
+    except OSError:  # the folder's own checks report what is wrong with it
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            msg = f"{final}: another bigcat process is writing this output; wait for it to end or choose another"
+            raise BigcatInputError(msg) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    finally:
+        handle.close()
+
+
 @contextlib.contextmanager
 def partial_store(
+    final: str | os.PathLike,
+    *,
+    settings: dict,
+    overwrite: bool = False,
+    resume: bool = False,
+    storage_options: dict | None = None,
+) -> Iterator[tuple[Any, Checkpoints, dict | None]]:
+    """Where a resumable conversion writes (under :func:`output_lock`)."""
+    with (
+        output_lock(final),
+        _partial_store(
+            final, settings=settings, overwrite=overwrite, resume=resume, storage_options=storage_options
+        ) as where,
+    ):
+        yield where
+
+
+@contextlib.contextmanager
+def _partial_store(
     final: str | os.PathLike,
     *,
     settings: dict,
@@ -477,13 +550,10 @@ def partial_store(
     state = checkpoints.read() if there else None
     if there:
         if state is not None and resume:
-            changed = _settings_differ(state.get("settings", {}), checkpoints.settings)
+            recorded = state.get("settings", {})
+            changed = _settings_differ(recorded, checkpoints.settings)
             if changed:
-                msg = (
-                    f"{final}: refusing to resume: the interrupted conversion used a different "
-                    f"{' and '.join(changed)} (the input changed?); rerun without --resume to start over"
-                )
-                raise BigcatInputError(msg)
+                raise BigcatInputError(_resume_refusal(final, changed, recorded, checkpoints.settings))
             log.warning("%s: resuming after %s", final, _describe_state(state))
             if not url:  # writes the kill cut short: zarr's temporary files (KEY.<uuid>.partial)
                 for leftover in partial.rglob("*.partial"):
