@@ -239,3 +239,40 @@ def test_a_worker_seeing_another_file_at_the_same_path_is_refused(dask_scheduler
 
     with pytest.raises(BigcatInputError, match=r"x\.bin: Dask worker tcp://other-machine:1234 sees another file"):
         check_visible(OtherMachine(), [path])
+
+
+def test_a_run_whose_last_worker_died_ends_with_one_line(counts, tmp_path, monkeypatch):
+    """Killing the last worker hung `stats` forever."""
+    import bigcat.cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "STALL_TIMEOUT", 3.0)
+    store = bigcat.convert(counts, tmp_path / "atlas.zarr", progress=False)
+    processes = DaskProcesses(tmp_path, n_workers=1, threads=1)
+    try:
+        from distributed import Client
+
+        with Client(processes.address) as client:
+            outcome: dict = {}
+
+            def run() -> None:
+                try:
+                    bigcat.cluster_stats(store, stats="sums,nnz", block_nnz=2_000, client=client)
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    outcome["error"] = error
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(client.processing().values()):
+                time.sleep(0.02)
+            os.kill(processes.workers[0].pid, signal.SIGKILL)
+            start = time.monotonic()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "the run still hangs"
+            assert time.monotonic() - start < 60
+        error = outcome.get("error")
+        assert isinstance(error, BigcatError), error
+        assert "no Dask worker left" in str(error)
+        assert "\n" not in str(error)
+    finally:
+        processes.close()

@@ -292,6 +292,49 @@ def _wait_for_workers(client: Any, n: int, wait: float, what: str) -> int:
     return present
 
 
+#: seconds a run waits with no worker left, or every worker paused at its memory limit,
+#: before it gives up (a killed last worker used to hang a run forever)
+STALL_TIMEOUT = 120.0
+
+
+def completed(client: Any, futures: list, *, what: str = "the computation") -> Iterator[Any]:
+    """The futures in the order they finish, like ``distributed.as_completed``, but ending
+    with one line (:class:`ClusterError`) when no worker is left, or every worker stays
+    paused at its memory limit, for :data:`STALL_TIMEOUT` seconds."""
+    from distributed import wait
+
+    pending = set(futures)
+    stalled_since: float | None = None
+    while pending:
+        try:
+            done, pending = wait(list(pending), timeout=2, return_when="FIRST_COMPLETED")
+        except TimeoutError:  # nothing finished in these 2 s
+            done = set()
+        if done:
+            stalled_since = None
+            yield from done
+            continue
+        workers = _workers_info(client)
+        paused = bool(workers) and all(str(w.get("status", "")).endswith("paused") for w in workers)
+        if workers and not paused:
+            stalled_since = None
+            continue
+        stalled_since = stalled_since or time.monotonic()
+        if time.monotonic() - stalled_since >= STALL_TIMEOUT:
+            if not workers:
+                msg = (
+                    f"no Dask worker left for {what} (all died or were stopped) for {STALL_TIMEOUT:g} s; restart "
+                    "workers (dask worker, or the deploy's jobs) with more memory, or use a smaller --block-values"
+                )
+            else:
+                msg = (
+                    f"every Dask worker has been paused at its memory limit for {STALL_TIMEOUT:g} s during {what}; "
+                    "give the workers more memory (--memory-limit, memory in cluster.yaml) or use smaller "
+                    "--block-values"
+                )
+            raise ClusterError(msg)
+
+
 @contextlib.contextmanager
 def _quiet_distributed() -> Iterator[None]:
     """distributed's loggers silenced (a client closing after its scheduler stopped logs

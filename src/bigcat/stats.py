@@ -1259,16 +1259,14 @@ def _run(
             for c, acc in enumerate(results):
                 place(c, acc)
             return
-        from distributed import as_completed
-
-        from bigcat.cluster import check_visible, use_workers
+        from bigcat.cluster import check_visible, completed, use_workers
 
         with use_workers(client, workers, what="cluster statistics"):
             check_visible(client, list(inputs))
             # futures on the (tiny) per-block tokens drive the progress bar
             futures = client.get(graph, [*final_keys, *tokens], sync=False)
             position = {f.key: c for c, f in enumerate(futures[: len(final_keys)])}
-            for future in as_completed(futures):
+            for future in completed(client, futures, what="cluster statistics"):
                 if future.key in position:
                     place(position[future.key], future.result())
                 else:
