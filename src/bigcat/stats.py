@@ -515,14 +515,6 @@ def cluster_stats(
         codes, clusters = _factorize([values])
         by_desc = "array"
     unlabelled = int(np.count_nonzero(codes < 0))
-    if unlabelled:
-        log.warning(
-            "%s: %d of %d cells have no label in %s and are left out",
-            ", ".join(p.name for p in parts),
-            unlabelled,
-            n_total,
-            by_desc,
-        )
     if cells is not None:
         names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
         keep = np.zeros(n_total, dtype=bool)
@@ -545,6 +537,14 @@ def cluster_stats(
         else:
             msg = f"{where}: no cell has a cluster label in {by_desc!r} (all {n_total} are missing)"
         raise BigcatInputError(msg)
+    if unlabelled:  # one line (after the error for none at all, which says it alone)
+        log.warning(
+            "%s: %d of %d cells have no label in %s and are left out",
+            ", ".join(p.name for p in parts),
+            unlabelled,
+            n_total,
+            by_desc,
+        )
     offset = 0
     for part in parts:
         part.codes = codes[offset : offset + part.n_cells]
