@@ -146,11 +146,23 @@ def convert(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted conversion from its last recorded row.")
     ] = False,
+    skip: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--skip",
+            help="Leave out these AnnData elements (comma-separated slots or elements: layers,raw,obsm/X_pca); "
+            "all others are copied.",
+        ),
+    ] = None,
     quiet: Quiet = False,
     storage_option: StorageOptions = None,
     progress: ForceProgress = False,
 ) -> None:
-    """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory (resumable)."""
+    """Convert an .h5ad file to a chunked Zarr store, streaming in bounded memory (resumable).
+
+    X, obs, var, uns and every layer, raw, obsm, varm, obsp and varp are copied (the dense
+    layout holds X alone: leave the others out with --skip).
+    """
     import contextlib
 
     from bigcat.cluster import connect
@@ -170,6 +182,7 @@ def convert(
             resume=resume,
             shard_values=shard_values,
             block_nnz=block_values,
+            skip=(skip or "").split(","),
         )
     typer.echo(f"wrote {path}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def convert(
     client: Any = None,
     resume: bool = False,
     shard_values: int = SPARSE_SHARD,
+    skip: Iterable[str] = (),
 ) -> Path:
     """Convert an AnnData file to a bigcat store (or another ``.h5ad``), row block by row block.
 
@@ -71,6 +73,13 @@ def convert(
         starts over.
     shard_values
         Values per file of the sparse layout's ``data`` and ``indices`` (default 32 Mi).
+    skip
+        AnnData elements besides X, obs, var and uns to leave out: slots (``"layers"``,
+        ``"obsm"``, ``"varm"``, ``"obsp"``, ``"varp"``, ``"raw"``) or single elements
+        (``"obsm/X_pca"``). All others are copied (see :mod:`bigcat.extras`) to the sparse
+        layout and ``.h5ad`` outputs, in AnnData's encoding, streamed in bounded memory; the
+        dense layout holds X alone, so a file with such elements is refused there unless
+        they are skipped.
 
     Returns
     -------
@@ -79,6 +88,8 @@ def convert(
 
     Raises
     ------
+    BigcatInputError
+        Elements besides X for the dense layout, or a ``skip`` naming none of the file's.
     InputNotFoundError, BigcatFormatError, CorruptMatrixError
         Unreadable or invalid input (checked while streaming: indptr monotone and ending at
         the number of values, indices within range).
@@ -107,6 +118,7 @@ def convert(
     refuse_input_as_output(output, [input])
     with open_source(input, require_marker=False, storage_options=storage_options) as source:
         obs, var, uns = source.obs, source.var, source.uns
+        elements = _elements_to_copy(source, skip, layout, output)
         cells = chunk_cells or DENSE_CHUNK_CELLS
         with (
             open_writer(
@@ -149,6 +161,10 @@ def convert(
                         non_finite += int(block.nnz - np.count_nonzero(np.isfinite(block.data)))
                     writer.write_rows(block)
                     bar.update(stop - start)
+            if elements:
+                from bigcat.extras import copy_elements
+
+                copy_elements(source._root(), writer.group, elements, block_values=block_nnz, path=input)  # noqa: SLF001
         log.info("converted %s (%d × %d, %d values) to %s", input, *source.shape, writer.nnz_written, output)
     if non_finite:
         log.warning(
@@ -158,3 +174,22 @@ def convert(
             non_finite,
         )
     return str(output) if is_url(output) else local(output)
+
+
+def _elements_to_copy(source: Any, skip: Iterable[str], layout: str, output: Any) -> list:
+    """What besides X, obs, var and uns goes to the output; refused for the dense layout."""
+    from bigcat.extras import find_elements, select_elements
+
+    if source.container == "zarr-dense":
+        select_elements([], skip, path=source.path)
+        return []
+    elements = select_elements(find_elements(source._root()), skip, path=source.path)  # noqa: SLF001
+    if elements and layout == "dense" and output_kind(output) == "zarr":
+        names = ", ".join(e.name for e in elements)
+        slots = ",".join(dict.fromkeys(e.name.split("/")[0] for e in elements))
+        msg = (
+            f"{source.path}: the dense layout holds X alone and would drop {names}; convert to the sparse layout "
+            f"to keep them, or leave them out with --skip {slots}"
+        )
+        raise BigcatInputError(msg)
+    return elements

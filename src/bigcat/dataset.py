@@ -10,6 +10,7 @@ categories, so ``ds.groupby("cluster")`` works directly.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,8 @@ from bigcat.readers import BLOCK_NNZ, MatrixSource, open_source
 from bigcat.store import _xarray_coords, coord_names
 
 __all__ = ["open_dataset", "to_anndata"]
+
+log = logging.getLogger("bigcat")
 
 
 class _LazyX:
@@ -42,7 +45,7 @@ class _LazyX:
         r0, r1, _ = rows.indices(self.shape[0])
         c0, c1, _ = cols.indices(self.shape[1])
         if source.encoding == "dense":
-            return np.asarray(source._root()["X"][r0:r1, c0:c1])  # noqa: SLF001 - same package
+            return np.asarray(source._root()[source.element][r0:r1, c0:c1])  # noqa: SLF001 - same package
         if source.encoding == "csr":
             block = source.read_rows(r0, r1)
             if (c0, c1) != (0, self.shape[1]):
@@ -81,7 +84,12 @@ def open_dataset(
     -------
     xarray.Dataset or pandas.DataFrame
         ``X(cell, gene)`` is a Dask array: pydata-sparse COO chunks for sparse sources
-        (row blocks for CSR, column blocks for CSC), NumPy chunks for dense ones.
+        (row blocks for CSR, column blocks for CSC), NumPy chunks for dense ones. The
+        file's other matrices are variables too, read the same way: ``layers.<name>(cell,
+        gene)``, ``obsm.<name>(cell, obsm.<name>_dim)``, ``varm.<name>(gene,
+        varm.<name>_dim)`` and ``raw.X(cell, raw_gene)``. Data frames in obsm/varm and
+        ``obsp``/``varp`` (one dimension twice, which xarray cannot label) stay in the
+        file: ``anndata.read_zarr`` / ``read_h5ad`` open them.
 
     Raises
     ------
@@ -96,9 +104,8 @@ def open_dataset(
     --------
     >>> ds = bigcat.open_dataset("atlas.zarr")  # doctest: +SKIP
     >>> ds.X.data.blocks[0].compute()  # a sparse.COO block  # doctest: +SKIP
+    >>> ds["obsm.X_umap"]  # (cell, obsm.X_umap_dim)  # doctest: +SKIP
     """
-    import dask.array as da
-    import sparse
     import xarray as xr
 
     from bigcat import fs
@@ -123,11 +130,32 @@ def open_dataset(
         return ds.assign_coords(
             {name: coord.copy(data=_object_strings(coord.values)) for name, coord in ds.coords.items() if name != "X"}
         )
+    x = _lazy(source, chunk_nnz)
+    obs, var = source.obs, source.var
+    extras = _extra_variables(source, chunk_nnz)
+    source.close()
+    obs_names, var_names = coord_names(list(obs.columns), list(var.columns))
+    coords = {
+        "cell": ("cell", np.asarray(obs.index.astype(str), dtype=object)),
+        "gene": ("gene", np.asarray(var.index.astype(str), dtype=object)),
+        **_xarray_coords(obs, obs_names, "cell"),
+        **_xarray_coords(var, var_names, "gene"),
+    }
+    variables = {"X": (("cell", "gene"), x)}
+    for name, (dims, array, extra_coords) in extras.items():
+        variables[name] = (dims, array)
+        coords.update(extra_coords)
+    return xr.Dataset(variables, coords=coords, attrs={"source": str(path), "encoding": source.encoding})
+
+
+def _lazy(source: MatrixSource, chunk_nnz: int) -> Any:
+    """A source's matrix as a Dask array: row blocks of ~``chunk_nnz`` values (column
+    blocks for CSC), pydata-sparse COO chunks for sparse matrices, NumPy for dense ones."""
+    import dask.array as da
+    import sparse
+
     n_cells, n_genes = source.shape
-    if source.encoding == "csr":
-        bounds = source.row_bounds(chunk_nnz)
-        chunks = (tuple(int(n) for n in np.diff(bounds)) or (0,), (n_genes,))
-    elif source.encoding == "csc":
+    if source.encoding == "csc":
         from bigcat.readers import block_bounds
 
         bounds = block_bounds(source.indptr, chunk_nnz)
@@ -139,21 +167,61 @@ def open_dataset(
         meta = np.empty((0, 0), dtype=source.dtype)
     else:
         meta = sparse.COO.from_numpy(np.zeros((0, 0), dtype=source.dtype))
-    obs, var = source.obs, source.var
-    source.close()
-    x = da.from_array(
-        _LazyX(source), chunks=chunks, meta=meta, asarray=False, fancy=False, name=f"bigcat-X-{_token(source)}"
-    )
-    obs_names, var_names = coord_names(list(obs.columns), list(var.columns))
-    coords = {
-        "cell": ("cell", np.asarray(obs.index.astype(str), dtype=object)),
-        "gene": ("gene", np.asarray(var.index.astype(str), dtype=object)),
-        **_xarray_coords(obs, obs_names, "cell"),
-        **_xarray_coords(var, var_names, "gene"),
-    }
-    return xr.Dataset(
-        {"X": (("cell", "gene"), x)}, coords=coords, attrs={"source": str(path), "encoding": source.encoding}
-    )
+    name = f"bigcat-{source.element.replace('/', '-')}-{_token(source)}"
+    return da.from_array(_LazyX(source), chunks=chunks, meta=meta, asarray=False, fancy=False, name=name)
+
+
+def _extra_variables(source: MatrixSource, chunk_nnz: int) -> dict[str, tuple]:
+    """``layers/<k>`` as ``layers.<k>(cell, gene)``, ``obsm/<k>`` as ``obsm.<k>(cell, obsm.<k>_dim)``,
+    ``varm/<k>`` as ``varm.<k>(gene, varm.<k>_dim)`` and ``raw/X`` as ``raw.X(cell, raw_gene)``:
+    the two-dimensional numeric matrices of the file, lazily (data frames, ``obsp``/``varp``,
+    whose two dimensions are one, and the elements of anndata < 0.7 files are left out)."""
+    from bigcat.extras import find_elements
+
+    if source.container == "zarr-dense":
+        return {}
+    out: dict[str, tuple] = {}
+    n_cells, n_genes = source.shape
+    for element in find_elements(source._root()):  # noqa: SLF001 - same package
+        slot, _, key = element.name.partition("/")
+        if slot not in ("layers", "obsm", "varm", "raw") or element.kind not in ("dense", "sparse", "raw"):
+            continue
+        if element.kind == "raw" and element.where != "raw":  # anndata < 0.7's raw.X: convert the file first
+            continue
+        where = "raw/X" if element.kind == "raw" else element.where
+        try:
+            matrix = source.matrix(where)
+        except Exception as error:  # noqa: BLE001 - an element bigcat cannot read lazily stays out of the Dataset
+            log.debug("%s: %s left out of the Dataset (%s)", source.path, element.name, error)
+            continue
+        if len(matrix.shape) != 2:
+            continue
+        array = _lazy(matrix, chunk_nnz)
+        name = f"{slot}.{key}" if key else "raw.X"
+        if slot == "layers" and matrix.shape == (n_cells, n_genes):
+            out[name] = (("cell", "gene"), array, {})
+        elif slot in ("obsm", "varm") and matrix.shape[0] == (n_cells if slot == "obsm" else n_genes):
+            out[name] = (("cell" if slot == "obsm" else "gene", f"{name}_dim"), array, {})
+        elif slot == "raw" and matrix.shape[0] == n_cells:
+            genes = _raw_gene_names(source._root(), matrix.shape[1])  # noqa: SLF001
+            out[name] = (("cell", "raw_gene"), array, {"raw_gene": ("raw_gene", genes)})
+    return out
+
+
+def _raw_gene_names(root: Any, n: int) -> np.ndarray:
+    from anndata.io import read_elem
+
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index = read_elem(root["raw/var"]).index
+        if len(index) == n:
+            return np.asarray(index.astype(str), dtype=object)
+    except Exception:  # noqa: BLE001, S110 - names are a convenience; positions serve otherwise
+        pass
+    return np.asarray([str(i) for i in range(n)], dtype=object)
 
 
 def _object_strings(values: np.ndarray) -> np.ndarray:

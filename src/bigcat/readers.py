@@ -228,9 +228,12 @@ class BufferPool:
 class MatrixSource:
     """Lazy access to ``X`` and the annotations of one file (see :func:`open_source`)."""
 
-    def __init__(self, path: Path | str, container: str, storage_options: dict | None = None) -> None:
+    def __init__(
+        self, path: Path | str, container: str, storage_options: dict | None = None, element: str = "X"
+    ) -> None:
         from bigcat import fs
 
+        self.element = element  # "X", or another matrix of the file ("layers/counts", "raw/X")
         self.path = path if fs.is_url(path) else Path(path)
         self.url = fs.is_url(path)
         self.storage_options = storage_options
@@ -288,21 +291,26 @@ class MatrixSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def matrix(self, element: str) -> MatrixSource:
+        """Another matrix of the same file (``"layers/counts"``, ``"raw/X"``, ``"obsm/X_pca"``),
+        read the same way as X."""
+        return MatrixSource(self.path, self.container, self.storage_options, element=element)
+
     # -- what X is ------------------------------------------------------------------------
     def _describe(self) -> None:
         root = self._root()
         if self.container == "zarr-dense":
-            x = root["X"]
+            x = root[self.element]
             self.encoding = "dense"
             self.shape = tuple(int(s) for s in x.shape)
             self.dtype = np.dtype(x.dtype)
             return
-        if "X" not in root:
+        if self.element not in root:
             self._explain_missing_x(root)
-        x = root["X"]
+        x = root[self.element]
         if _is_array(x):
             if len(x.shape) != 2:
-                msg = f"{self.path}: X has {len(x.shape)} dimensions, expected 2"
+                msg = f"{self.path}: {self.element} has {len(x.shape)} dimensions, expected 2"
                 raise BigcatFormatError(msg)
             self.encoding = "dense"
             self.shape = tuple(int(s) for s in x.shape)
@@ -314,17 +322,23 @@ class MatrixSource:
         )
         shape = attrs.get("shape", attrs.get("h5sparse_shape"))
         if kind not in ("csr_matrix", "csc_matrix") or shape is None:
-            msg = f"{self.path}: X has unsupported encoding {kind!r}; expected a CSR/CSC matrix or a dense array"
+            msg = (
+                f"{self.path}: {self.element} has unsupported encoding {kind!r}; expected a CSR/CSC matrix or a "
+                "dense array"
+            )
             raise BigcatFormatError(msg)
         for name in ("data", "indices", "indptr"):
             if name not in x:
-                msg = f"{self.path}: X/{name} is missing"
+                msg = f"{self.path}: {self.element}/{name} is missing"
                 raise CorruptMatrixError(msg)
         self.encoding = kind[:3]
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = np.dtype(x["data"].dtype).newbyteorder("=")
         if x["data"].shape != x["indices"].shape:
-            msg = f"{self.path}: X/data has {x['data'].shape[0]} values but X/indices has {x['indices'].shape[0]}"
+            msg = (
+                f"{self.path}: {self.element}/data has {x['data'].shape[0]} values but {self.element}/indices has "
+                f"{x['indices'].shape[0]}"
+            )
             raise CorruptMatrixError(msg)
 
     def _explain_missing_x(self, root: Any) -> None:
@@ -344,7 +358,7 @@ class MatrixSource:
         """Stored values (for dense X: the number of elements)."""
         if self.encoding == "dense":
             return self.shape[0] * self.shape[1]
-        return int(self._root()["X"]["data"].shape[0])
+        return int(self._root()[self.element]["data"].shape[0])
 
     @property
     def major_length(self) -> int:
@@ -353,10 +367,10 @@ class MatrixSource:
     @cached_property
     def indptr(self) -> np.ndarray:
         """The validated (int64) pointer array of a CSR/CSC X."""
-        raw = self._root()["X"]["indptr"]
+        raw = self._root()[self.element]["indptr"]
         indptr = np.asarray(raw[...]).astype(np.int64)
         n = self.major_length
-        where = f"{self.path}: X/indptr"
+        where = f"{self.path}: {self.element}/indptr"
         if len(indptr) != n + 1:
             msg = f"{where} has {len(indptr)} entries, expected {n + 1} for shape {self.shape}"
             raise CorruptMatrixError(msg)
@@ -369,7 +383,7 @@ class MatrixSource:
             msg = f"{where} is not monotone (decreases after entry {bad})"
             raise CorruptMatrixError(msg)
         if indptr[-1] != self.nnz:
-            msg = f"{where} ends at {indptr[-1]} but X/data has {self.nnz} values"
+            msg = f"{where} ends at {indptr[-1]} but {self.element}/data has {self.nnz} values"
             raise CorruptMatrixError(msg)
         return indptr
 
@@ -506,12 +520,12 @@ class MatrixSource:
         fresh 64 MB array per block costs page faults that, on a VM, cost more than the read.
         ``pool``: take the arrays from this :class:`BufferPool` instead (any container).
         """
-        x = self._root()["X"]
+        x = self._root()[self.element]
         if self.encoding == "dense":
             block = _native(np.asarray(x[start:stop]))
             return sp.csr_matrix(block)
         if self.encoding != "csr":
-            msg = f"{self.path}: X is CSC; read it by columns or with iter_row_blocks"
+            msg = f"{self.path}: {self.element} is CSC; read it by columns or with iter_row_blocks"
             raise BigcatInputError(msg)
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         if pool is not None and hi > lo and x["data"].dtype.isnative and x["indices"].dtype.isnative:
@@ -550,11 +564,11 @@ class MatrixSource:
 
     def read_columns(self, start: int, stop: int) -> sp.csc_matrix:
         """Columns ``start:stop`` as CSC (CSC or dense X)."""
-        x = self._root()["X"]
+        x = self._root()[self.element]
         if self.encoding == "dense":
             return sp.csc_matrix(_native(np.asarray(x[:, start:stop])))
         if self.encoding != "csc":
-            msg = f"{self.path}: X is CSR; read it by rows"
+            msg = f"{self.path}: {self.element} is CSR; read it by rows"
             raise BigcatInputError(msg)
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         data = _native(np.asarray(x["data"][lo:hi]))
@@ -586,9 +600,10 @@ class MatrixSource:
             self.__dict__["_warned_unsorted"] = True
             axis = "row" if kind == "csr" else "column"
             log.warning(
-                "%s: X %s %d has unsorted or duplicated indices; duplicated entries are summed, as scipy and "
+                "%s: %s %s %d has unsorted or duplicated indices; duplicated entries are summed, as scipy and "
                 "anndata do",
                 self.path,
+                self.element,
                 axis,
                 first + int(unsorted),
             )
@@ -597,7 +612,7 @@ class MatrixSource:
         return block
 
     def _out_of_range(self, position: int, value: Any, bound: int) -> None:
-        msg = f"{self.path}: X/indices[{position}] = {value} is out of range [0, {bound})"
+        msg = f"{self.path}: {self.element}/indices[{position}] = {value} is out of range [0, {bound})"
         raise CorruptMatrixError(msg)
 
     def _check_indices(self, indices: np.ndarray, bound: int, offset: int) -> None:
@@ -641,7 +656,7 @@ class MatrixSource:
         ring = None
         if reuse and self.encoding == "csr" and self.container == "h5ad" and len(bounds) > 1:
             size = int(np.max(self.indptr[bounds[1:]] - self.indptr[bounds[:-1]]))
-            x = self._root()["X"]
+            x = self._root()[self.element]
             ring = [
                 (small_pages(size, self.dtype), small_pages(size, np.dtype(x["indices"].dtype).newbyteorder("=")))
                 for _ in range(REUSE_BUFFERS)
@@ -653,7 +668,7 @@ class MatrixSource:
     def _csc_row_blocks(self, max_nnz: int, max_rows: int | None) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         n_rows, n_cols = self.shape
         col_bounds = block_bounds(self.indptr, max_nnz)
-        indices = self._root()["X"]["indices"]
+        indices = self._root()[self.element]["indices"]
         row_counts = np.zeros(n_rows, dtype=np.int64)
         from bigcat.kernels import check_compressed
 

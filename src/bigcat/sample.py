@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,6 +20,8 @@ from bigcat.store import open_writer, output_kind
 from bigcat.util import prefetch
 
 __all__ = ["choose_cells", "choose_genes", "sample"]
+
+log = logging.getLogger("bigcat")
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -158,6 +161,7 @@ def sample(
 
     refuse_input_as_output(output, [input])
     with open_source(input, storage_options=storage_options) as source:
+        _say_what_stays_out(source)
         cell_index = choose_cells(
             source.obs,
             rng,
@@ -250,3 +254,15 @@ def _blocks_with(source: MatrixSource, rows: np.ndarray):
         if hi > lo:
             first, last = int(rows[lo]), int(rows[hi - 1]) + 1
             yield first, last, source.read_rows(first, last)
+
+
+def _say_what_stays_out(source: MatrixSource) -> None:
+    """One line naming the elements besides X, obs, var and uns a sample leaves out."""
+    from bigcat.extras import find_elements
+
+    if source.container == "zarr-dense":
+        return
+    elements = find_elements(source._root())  # noqa: SLF001 - same package
+    if elements:
+        names = ", ".join(e.name for e in elements[:12]) + (" …" if len(elements) > 12 else "")
+        log.warning("%s: the sample holds X, obs, var and uns; not copied: %s", source.path, names)

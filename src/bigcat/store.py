@@ -636,6 +636,8 @@ class MatrixWriter(ABC):
         self.nnz_written = 0
         #: progress records of a resumable conversion (set by :func:`open_writer`)
         self.checkpoints: Checkpoints | None = None
+        #: the AnnData group the elements besides X go to (``None``: the layout has none)
+        self.group: Any = None
 
     def write_rows(self, block: sp.csr_matrix | sp.csr_array) -> None:
         """Append the next rows (a CSR block with all genes)."""
@@ -1075,11 +1077,13 @@ class SparseZarrWriter(MatrixWriter):
         self.row_nnz = np.zeros(self.n_cells, dtype=np.int64)
         if resume:  # the arrays are there: :meth:`resume` takes over
             self.root = zarr.open_group(self.store, mode="r+", zarr_format=3)
+            self.group = self.root
             self.x = self.root["X"]
             self.data = _GrowingArray(self.x["data"], shard, self.dtype)
             self.indices = _GrowingArray(self.x["indices"], shard, index_dtype)
             return
         self.root = zarr.open_group(self.store, mode="w-", zarr_format=3)
+        self.group = self.root
         self.root.attrs[MARKER_KEY] = {**marker, "complete": False}
         _write_anndata_elements(self.root, obs, var, uns)
         x = self.root.create_group(
@@ -1202,8 +1206,13 @@ class SparseZarrWriter(MatrixWriter):
         if self.checkpoints is not None:
             self.checkpoints.remove()
         self.root.attrs[MARKER_KEY] = marker
+        from zarr.errors import UnstableSpecificationWarning
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            # uns of old files holds structured and fixed-width string arrays: zarr notes that v3
+            # has no specification for them, which is nothing for the user to act on
+            warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
             zarr.consolidate_metadata(self.store)
 
 
@@ -1327,8 +1336,13 @@ class DenseZarrWriter(MatrixWriter):
         if self.checkpoints is not None:
             self.checkpoints.remove()
         self.root.attrs[MARKER_KEY] = marker
+        from zarr.errors import UnstableSpecificationWarning
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            # uns of old files holds structured and fixed-width string arrays: zarr notes that v3
+            # has no specification for them, which is nothing for the user to act on
+            warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
             zarr.consolidate_metadata(self.store)
 
 
@@ -1341,6 +1355,7 @@ class H5adWriter(MatrixWriter):
         super().__init__(len(obs), len(var), dtype)
         self.path = path
         self.file = h5py.File(path, "w-")
+        self.group = self.file
         _write_anndata_elements(self.file, obs, var, uns)
         x = self.file.create_group("X")
         x.attrs.update(
