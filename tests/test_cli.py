@@ -174,3 +174,13 @@ def test_progress_counts_are_integers_when_small(capsys):
         bar.update(3)
         bar.refresh()
     assert "3/16" in capsys.readouterr().err
+
+
+def test_flags_take_no_value_in_help():
+    """Boolean flags were listed as taking a ``<bool>`` value."""
+    for command in ("convert", "stats", "sample"):
+        done = bigcat(command, "--help")
+        assert done.returncode == 0, done.stderr
+        lines = [line for line in done.stdout.splitlines() if "<bool>" in line and "--help" not in line]
+        assert lines == [], lines
+        assert "--overwrite" in done.stdout

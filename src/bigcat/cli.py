@@ -24,8 +24,10 @@ app = typer.Typer(
 log = logging.getLogger("bigcat")
 _state = {"debug": False}
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-ForceProgress = Annotated[bool, typer.Option("--progress", help="Show the progress bar even when not on a terminal.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar.")]
+ForceProgress = Annotated[
+    bool, typer.Option("--progress", metavar="", help="Show the progress bar even when not on a terminal.")
+]
 StorageOptions = Annotated[
     Optional[list[str]],  # noqa: UP045
     typer.Option(
@@ -44,7 +46,9 @@ IdleTimeout = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--idle-timeout", help="Clusters bigcat starts stop after this long idle, e.g. '30 minutes'."),
 ]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only one bigcat wrote).")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", metavar="", help="Replace an existing output (only one bigcat wrote).")
+]
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict | None:
@@ -72,10 +76,13 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is done.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Log what is done.")] = False,
     version: Annotated[  # noqa: ARG001 - handled by its eager callback
-        bool, typer.Option("--version", help="Print the version and exit.", callback=_show_version, is_eager=True)
+        bool,
+        typer.Option(
+            "--version", metavar="", help="Print the version and exit.", callback=_show_version, is_eager=True
+        ),
     ] = False,
 ) -> None:
     _state["debug"] = debug
@@ -144,7 +151,8 @@ def convert(
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted conversion from its last recorded row.")
+        bool,
+        typer.Option("--resume", metavar="", help="Continue an interrupted conversion from its last recorded row."),
     ] = False,
     skip: Annotated[
         Optional[str],  # noqa: UP045
@@ -295,11 +303,17 @@ def stats(
         Optional[str],  # noqa: UP045
         typer.Option("--present-at", help="Further presence tests in the same pass, e.g. gt1,ge1."),
     ] = None,
-    wide: Annotated[bool, typer.Option("--wide", help="Parquet/CSV: a genes × clusters table per statistic.")] = False,
-    merge: Annotated[bool, typer.Option("--merge", help="Merge the given statistics stores instead.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", metavar="", help="Parquet/CSV: a genes × clusters table per statistic.")
+    ] = False,
+    merge: Annotated[
+        bool, typer.Option("--merge", metavar="", help="Merge the given statistics stores instead.")
+    ] = False,
     allow_duplicates: Annotated[
         bool,
-        typer.Option("--allow-duplicates", help="Accept inputs sharing cell names, or merging a result twice."),
+        typer.Option(
+            "--allow-duplicates", metavar="", help="Accept inputs sharing cell names, or merging a result twice."
+        ),
     ] = False,
     cluster: ClusterSpec = None,
     idle_timeout: IdleTimeout = None,
