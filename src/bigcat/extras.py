@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from bigcat.errors import BigcatFormatError, BigcatInputError
+from bigcat.readers import _is_array
+from bigcat.store import _is_zarr
 
 __all__ = ["SLOTS", "Element", "copy_elements", "find_elements", "select_elements"]
 
@@ -49,10 +51,6 @@ class Element:
     where: str
     shape: tuple[int, ...]
     nbytes: int
-
-
-def _is_array(node: Any) -> bool:
-    return hasattr(node, "shape") and hasattr(node, "dtype")
 
 
 def _attrs(node: Any) -> dict:
@@ -133,10 +131,6 @@ def select_elements(elements: list[Element], skip: Iterable[str] = (), *, path: 
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _is_zarr(group: Any) -> bool:
-    return type(group).__module__.startswith("zarr")
-
-
 def _replace(group: Any, name: str) -> None:
     if name in group:
         del group[name]
@@ -259,7 +253,7 @@ def _copy_node(node: Any, group: Any, name: str, element: str, block_values: int
 
 
 def _copy_raw(root: Any, dest: Any, element: Element, block_values: int, path: Any) -> None:
-    from anndata.io import write_elem
+    from anndata.io import read_elem, write_elem
 
     _replace(dest, "raw")
     raw = _group(dest, "raw", "raw")
@@ -267,7 +261,7 @@ def _copy_raw(root: Any, dest: Any, element: Element, block_values: int, path: A
         _copy_node(root["raw.X"], raw, "X", "raw/X", block_values, path)
         if "raw.var" in root:
             node = root["raw.var"]
-            write_elem(raw, "var", _legacy_table(node) if _is_array(node) else _read(node))
+            write_elem(raw, "var", _legacy_table(node) if _is_array(node) else read_elem(node))
         if "raw.varm" in root and _is_array(root["raw.varm"]):
             varm = _group(raw, "varm", "dict")
             for field in np.dtype(root["raw.varm"].dtype).names or ():
@@ -275,12 +269,6 @@ def _copy_raw(root: Any, dest: Any, element: Element, block_values: int, path: A
         return
     for key in root["raw"]:
         _copy_node(root["raw"][key], raw, key, f"raw/{key}", block_values, path)
-
-
-def _read(node: Any) -> Any:
-    from anndata.io import read_elem
-
-    return read_elem(node)
 
 
 def copy_elements(
