@@ -176,12 +176,15 @@ def _this_machine() -> Capacity:
     return Capacity(workers=1, threads=cores, memory=int(psutil.virtual_memory().total), present=1)
 
 
-def _workers_info(client: Any) -> list[dict]:
+def _all_workers(client: Any) -> dict[str, int]:
+    """``scheduler_info``'s argument for every worker (newer distributed lists 5 by default)."""
     import inspect
 
-    accepts = "n_workers" in inspect.signature(client.scheduler_info).parameters
-    info = client.scheduler_info(n_workers=-1) if accepts else client.scheduler_info()
-    return list(info.get("workers", {}).values())
+    return {"n_workers": -1} if "n_workers" in inspect.signature(client.scheduler_info).parameters else {}
+
+
+def _workers_info(client: Any) -> list[dict]:
+    return list(client.scheduler_info(**_all_workers(client)).get("workers", {}).values())
 
 
 def capacity(client: Any) -> Capacity:
@@ -290,6 +293,29 @@ def _wait_for_workers(client: Any, n: int, wait: float, what: str) -> int:
     if present < n:
         log.warning("%d of %d planned Dask workers joined within %g s; %s runs on those", present, n, wait, what)
     return present
+
+
+def spread_graph(client: Any, shared: dict, groups: list[dict], tail: dict) -> Any:
+    """One graph of ``shared`` tasks, ``groups`` of tasks that use them and ``tail`` tasks
+    that use the groups' results, each group preferring one of the connected workers (group
+    ``i`` on the ``i % n``-th, loosely: another worker takes its tasks if that one leaves).
+
+    The scheduler alone places a group's first task wherever a thread is free at that moment,
+    and the rest follow its data: on a cluster whose workers join a second apart, every chain
+    of a statistics pass could end up on the first worker.
+    """
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    addresses = sorted(client.scheduler_info(**_all_workers(client)).get("workers", {}))
+    layers = {"bigcat-shared": MaterializedLayer(shared)}
+    dependencies: dict[str, set[str]] = {"bigcat-shared": set()}
+    for i, group in enumerate(groups):
+        annotations = {"workers": [addresses[i % len(addresses)]], "allow_other_workers": True} if addresses else None
+        layers[f"bigcat-group-{i}"] = MaterializedLayer(group, annotations=annotations)
+        dependencies[f"bigcat-group-{i}"] = {"bigcat-shared"}
+    layers["bigcat-tail"] = MaterializedLayer(tail)
+    dependencies["bigcat-tail"] = set(dependencies)
+    return HighLevelGraph(layers, dependencies)
 
 
 #: seconds a run waits with no worker left, or every worker paused at its memory limit,

@@ -1150,14 +1150,16 @@ def _blocks(
 
     final_keys = []
     chains: dict[tuple[int, int], str] = {}
-    for r in range(n_row_parts):
+    # each row partition's tasks (init, reads, folds) as a group that one worker runs
+    partitions: list[dict] = [{} for _ in range(n_row_parts)]
+    for r, partition in enumerate(partitions):
         mine = blocks[len(blocks) * r // n_row_parts : len(blocks) * (r + 1) // n_row_parts]
         last = {}
         for c in range(n_ranges):
             lo, hi = int(edges[c]), int(edges[c + 1])
             key = f"bigcat-init-{token}-{r}-{c}"
             views = {name: a[lo:hi] for name, a in out.items()} if in_process and r == 0 else None
-            graph[key] = (_init_task, settings, hi - lo, n_out, shared(views))
+            partition[key] = (_init_task, settings, hi - lo, n_out, shared(views))
             last[c] = key
         tokens: list[str] = []
         for k, block in enumerate(mine):
@@ -1165,21 +1167,22 @@ def _blocks(
             read = block.read
             if block.lookahead and k >= LOOKAHEAD:
                 read = (*read, tokens[k - LOOKAHEAD])
-            graph[read_key] = read
+            partition[read_key] = read
             folds = []
             for c in range(n_ranges):
                 lo, hi = int(edges[c]), int(edges[c + 1])
                 if n_ranges > 1 and not ((block.codes >= lo) & (block.codes < hi)).any():
                     continue
                 key = f"bigcat-fold-{token}-{r}-{c}-{k}"
-                graph[key] = (_fold_task, last[c], read_key, block.codes, gene_map, block.totals, settings, lo)
+                partition[key] = (_fold_task, last[c], read_key, block.codes, gene_map, block.totals, settings, lo)
                 last[c] = key
                 folds.append(key)
             tok = f"bigcat-token-{token}-{r}-{k}"
-            graph[tok] = (_token_task, *folds)
+            partition[tok] = (_token_task, *folds)
             tokens.append(tok)
         for c in range(n_ranges):
             chains[(r, c)] = last[c]
+    combine: dict = {}  # the partitions' pieces added, each range finalized
     for c in range(n_ranges):
         lo, hi = int(edges[c]), int(edges[c + 1])
         level = [chains[(r, c)] for r in range(n_row_parts)]
@@ -1188,21 +1191,21 @@ def _blocks(
             nxt = []
             for i in range(0, len(level), FAN_IN):
                 key = f"bigcat-add-{token}-{c}-{depth}-{i}"
-                graph[key] = (_add_task, *level[i : i + FAN_IN])
+                combine[key] = (_add_task, *level[i : i + FAN_IN])
                 nxt.append(key)
             level, depth = nxt, depth + 1
         key = f"bigcat-final-{token}-{c}"
-        graph[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
+        combine[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
         final_keys.append(key)
     workers = min(cap.workers, math.ceil(n_row_parts * n_ranges / cap.threads))
     inputs = [p.source.path for p in parts if p.source is not None]
     try:
-        _run(graph, final_keys, client, progress, out, edges, workers=workers, inputs=inputs)
+        _run((graph, partitions, combine), final_keys, client, progress, out, edges, workers=workers, inputs=inputs)
     finally:
         for handle in handles:
             handle.release()
     handles.clear()
-    del graph, blocks
+    del graph, partitions, combine, blocks
     # the arena's pages are the statistics' once no block is left in them
     spare = arena if arena is not None and pool is not None and pool.release() else None
     if spare is not None:
@@ -1213,7 +1216,7 @@ def _blocks(
 
 
 def _run(
-    graph: dict,
+    graphs: tuple[dict, list[dict], dict],
     final_keys: list[str],
     client: Any,
     progress: bool | None,
@@ -1225,8 +1228,10 @@ def _run(
 ) -> None:
     """Execute the graph on the configured scheduler; place each cluster range's result.
 
-    On a cluster, the ``workers`` the plan counted on are asked for and waited for first
-    (:func:`bigcat.cluster.use_workers`), and the ``inputs`` checked from them."""
+    ``graphs``: the tasks every partition uses, each row partition's tasks, and the tasks
+    that combine the partitions. On a cluster, the ``workers`` the plan counted on are asked
+    for and waited for first (:func:`bigcat.cluster.use_workers`), the ``inputs`` checked
+    from them, and each row partition goes to one of them."""
     from bigcat.progress import progress_bar
 
     def place(c: int, piece: dict) -> None:
@@ -1236,7 +1241,8 @@ def _run(
             if not np.shares_memory(view, array):
                 view[...] = array
 
-    tokens = [k for k in graph if isinstance(k, str) and k.startswith("bigcat-token-")]
+    shared, partitions, combine = graphs
+    tokens = [k for p in partitions for k in p if isinstance(k, str) and k.startswith("bigcat-token-")]
     with progress_bar(total=len(tokens), unit="blocks", desc="stats", enabled=progress) as bar:
         if client is None:
             import dask
@@ -1246,6 +1252,9 @@ def _run(
                 if isinstance(key, str) and key.startswith("bigcat-token-"):
                     bar.update(1)
 
+            graph = shared | combine
+            for partition in partitions:
+                graph |= partition
             scheduler = dask.config.get("scheduler", None) or "threads"
             with Callback(posttask=posttask):
                 if scheduler in ("sync", "synchronous", "single-threaded"):
@@ -1259,11 +1268,12 @@ def _run(
             for c, acc in enumerate(results):
                 place(c, acc)
             return
-        from bigcat.cluster import check_visible, completed, use_workers
+        from bigcat.cluster import check_visible, completed, spread_graph, use_workers
 
         with use_workers(client, workers, what="cluster statistics"):
             check_visible(client, list(inputs))
             # futures on the (tiny) per-block tokens drive the progress bar
+            graph = spread_graph(client, shared, partitions, combine)
             futures = client.get(graph, [*final_keys, *tokens], sync=False)
             position = {f.key: c for c, f in enumerate(futures[: len(final_keys)])}
             for future in completed(client, futures, what="cluster statistics"):
