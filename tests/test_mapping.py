@@ -115,6 +115,65 @@ def test_pca_space_and_pynndescent_recall(split: dict, tmp_path: Path) -> None:
     np.testing.assert_array_equal(back["indices"].values, exact["indices"].values)
 
 
+def test_pca_space_equals_scikit_learn_on_the_dense_matrix(split: dict) -> None:
+    """PCA space with every reference cell in the fit: neighbours as found by projecting
+    the dense log2 CPM matrices with scikit-learn's own PCA."""
+    from sklearn.decomposition import PCA
+
+    query, reference = split["folder"] / "query.h5ad", split["folder"] / "reference.h5ad"
+    result = knn(query, reference, k=10, space="pca", n_components=20, pca_sample=10**6, metric="euclidean",
+                 normalize="log2cpm")  # fmt: skip
+    r = log2cpm(split["reference"].X)
+    model = PCA(n_components=20, svd_solver="full").fit(r)
+    d = cdist(model.transform(log2cpm(split["query"].X)), model.transform(r))
+    expected = np.argsort(d, axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(
+        result["distances"].values, np.take_along_axis(d, expected, axis=1), rtol=1e-3, atol=1e-3
+    )
+    same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(result["indices"].values, expected, strict=True)])
+    assert same > 0.99, same
+    assert result.attrs["dims"] == 20
+
+
+def test_knn_memory_is_bounded_by_its_estimate(split: dict, monkeypatch) -> None:
+    """The guard's estimate is what knn holds: the peak of traced allocations stays under it
+    and is most of it (the reference in the search space dominates, held once; the old
+    code held it four times over, in float32 and float64)."""
+    import tracemalloc
+
+    import bigcat.mapping
+
+    monkeypatch.setattr(bigcat.mapping, "WORK_BYTES", 1 << 20)
+    monkeypatch.setattr(bigcat.mapping, "QUERY_BLOCK_NNZ", 50_000)
+    query, reference = split["folder"] / "query.h5ad", split["folder"] / "reference.h5ad"
+    n_ref, n_genes = split["reference"].shape
+    knn(query, reference, k=5, genes=split["reference"].var_names[:10].tolist())  # imports done before tracing
+    for metric in ("cosine", "euclidean"):
+        tracemalloc.start()
+        try:
+            result = knn(query, reference, k=5, metric=metric)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        estimate = result.attrs["memory_estimate"]
+        print(f"{metric}: traced peak {peak / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
+        assert n_ref * n_genes * 4 <= estimate
+        assert 0.8 * estimate <= peak <= estimate, (metric, peak, estimate)
+
+
+def test_knn_refuses_what_does_not_fit(split: dict) -> None:
+    import re
+
+    query, reference = split["folder"] / "query.h5ad", split["folder"] / "reference.h5ad"
+    n_ref = len(split["reference"])
+    expected = f"{reference}: nearest neighbours over {n_ref:,} reference cells × 3,000 dimensions need about "
+    with pytest.raises(BigcatInputError, match=re.escape(expected) + r"0\.\d GiB in this process, over max_memory "
+                       r"\(0\.0 GiB\); select genes \(genes=\) or use space='pca', or raise max_memory$"):  # fmt: skip
+        knn(query, reference, max_memory=10 << 20)
+    result = knn(query, reference, space="pca", n_components=10, max_memory=10 << 30)
+    assert result["indices"].shape == (len(split["query"]), 15)
+
+
 def test_missing_optional_package_is_a_clear_error(split: dict) -> None:
     try:
         import hnswlib  # noqa: F401
