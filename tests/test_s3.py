@@ -16,7 +16,7 @@ import s3fs
 import bigcat
 from bigcat.errors import BigcatError
 from bigcat.stats import write_stats
-from conftest import S3Server, dense
+from conftest import ARCHIVES, S3Server, dense
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 180):
@@ -213,3 +213,20 @@ def test_an_unknown_storage_option_is_one_line(small):
     assert done.returncode == 2
     assert "unknown storage option 'bogus'" in done.stderr
     assert done.stderr.strip().count("\n") == 0, done.stderr
+
+
+def test_an_anndata_0_5_file_on_the_bucket_is_one_line(s3, tmp_path):
+    """anndata < 0.7's obs/var (compound datasets) are read by anndata from a local path
+    only: it said "No such file or directory" for a file that exists."""
+    archive = ARCHIVES / "v0.5.0" / "adata.h5ad"
+    s3fs.S3FileSystem(**s3.options(), skip_instance_cache=True).put_file(str(archive), "bigcat-test/old/v0.5.h5ad")
+    url = "s3://bigcat-test/old/v0.5.h5ad"
+    for command in (["stats", url, "--by", "bulk_labels", "--out", tmp_path / "stats.csv"],
+                    ["convert", url, tmp_path / "old.zarr"]):  # fmt: skip
+        done = run_cli(*command, "--quiet", *cli_options(s3))
+        assert done.returncode == 2, done.stderr
+        assert [line for line in done.stderr.splitlines() if "dashboard" not in line] == [
+            f"bigcat: error: {url}: written by anndata < 0.7 (obs as a compound dataset), an encoding that is read "
+            "from a local file only; download it and run `bigcat convert` on the local copy"
+        ]
+    assert not list(tmp_path.iterdir())

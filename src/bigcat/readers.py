@@ -481,6 +481,14 @@ class MatrixSource:
     def _legacy_frame(self, key: str) -> pd.DataFrame:
         import anndata as ad
 
+        from bigcat.fs import is_url
+
+        if is_url(self.path):  # anndata reads this encoding from a path on a disk only
+            msg = (
+                f"{self.path}: written by anndata < 0.7 ({key} as a compound dataset), an encoding that is read "
+                "from a local file only; download it and run `bigcat convert` on the local copy"
+            )
+            raise BigcatFormatError(msg)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             adata = ad.read_h5ad(self.path, backed="r")
