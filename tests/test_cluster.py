@@ -138,6 +138,30 @@ def test_missing_deploy_package_names_the_extra(tmp_path):
         pass
 
 
+@pytest.mark.parametrize(
+    ("deploy", "expected"),
+    [
+        ("distributed.LocalCluster", "bad arguments for distributed.LocalCluster: unknown option(s) 'bogus_option'"),
+        ("dask_jobqueue.SLURMCluster", "bad arguments for dask_jobqueue.SLURMCluster: Got unexpected keyword argument "
+                                       "'bogus_option'"),
+    ],
+)  # fmt: skip
+def test_a_bogus_yaml_option_is_one_line(counts, tmp_path, deploy, expected):
+    """A LocalCluster passes unknown options to its workers, which failed in their own
+    processes with pages of tracebacks and "Nanny failed to start"."""
+    pytest.importorskip(deploy.split(".")[0])
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"class: {deploy}\nkwargs: {{n_workers: 1, cores: 1, memory: 1GB, bogus_option: 3}}\n")
+    if deploy.startswith("distributed"):
+        spec.write_text(f"class: {deploy}\nkwargs: {{n_workers: 1, bogus_option: 3}}\n")
+    command = ["stats", str(counts), "--cluster", str(spec), "--out", str(tmp_path / "s.csv"), "--quiet"]
+    done = subprocess.run([sys.executable, "-m", "bigcat", *command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"bigcat: error: {spec}: {expected}"), line
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_unknown_spec_is_a_usage_error():
     with pytest.raises(BigcatInputError, match="unknown cluster spec"), connect("nonsense"):
         pass

@@ -480,13 +480,51 @@ def connect(spec: str | os.PathLike | None = None, *, idle_timeout: str | None =
         _parse_seconds(timeout, path, "idle_timeout")
     wait = _parse_seconds(deploy["wait"], path, "wait") if "wait" in deploy else WORKER_WAIT
     config = {"distributed.scheduler.idle-timeout": timeout} if timeout else {}
+    unknown = _unknown_worker_options(cls, kwargs)
+    if unknown:
+        msg = f"{path}: bad arguments for {deploy['class']}: unknown option(s) {', '.join(map(repr, unknown))}"
+        raise BigcatInputError(msg)
     with dask.config.set(config):
         try:
-            cluster = cls(**kwargs)
-        except (TypeError, ValueError) as error:
-            msg = f"{path}: bad arguments for {deploy['class']}: {_first_line(error)}"
+            # a bad worker argument fails in the worker's process: distributed logs pages of
+            # tracebacks and raises "Nanny failed to start", the TypeError in its chain
+            with _quiet_distributed():
+                cluster = cls(**kwargs)
+        except Exception as error:
+            cause = _argument_error(error)
+            if cause is None:
+                raise
+            msg = f"{path}: bad arguments for {deploy['class']}: {_first_line(cause)}"
             raise BigcatInputError(msg) from error
     yield from _serve(cluster, deploy["class"], adapt=deploy.get("adapt"), wait=wait, path=path)
+
+
+def _unknown_worker_options(cls: Any, kwargs: dict) -> list[str]:
+    """Options a LocalCluster (or subclass) would pass on to its workers that no worker
+    takes: they fail in each worker's process, which logs its traceback there."""
+    import inspect
+
+    from distributed import LocalCluster, Nanny, Worker
+    from distributed.core import Server
+
+    if not (isinstance(cls, type) and issubclass(cls, LocalCluster)):
+        return []
+    known: set[str] = set()
+    for kind in {cls, LocalCluster, Nanny, Worker, Server}:
+        known |= set(inspect.signature(kind.__init__).parameters)
+    return sorted(set(kwargs) - known)
+
+
+def _argument_error(error: BaseException) -> BaseException | None:
+    """The TypeError or ValueError behind ``error`` (itself, its cause or its context)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (TypeError, ValueError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _first_line(error: BaseException) -> str:
