@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -265,13 +266,40 @@ def test_a_worker_seeing_another_file_at_the_same_path_is_refused(dask_scheduler
         check_visible(OtherMachine(), [path])
 
 
-def test_a_run_whose_last_worker_died_ends_with_one_line(counts, tmp_path, monkeypatch):
-    """Killing the last worker hung `stats` forever."""
-    import bigcat.cluster as cluster_module
+@pytest.fixture(scope="module")
+def watched(counts, tmp_path_factory):
+    """A store of the counts and statistics of them, for the runs below."""
+    folder = tmp_path_factory.mktemp("watched")
+    store = bigcat.convert(counts, folder / "atlas.zarr", progress=False)
+    return {"h5ad": counts, "store": store, "stats": bigcat.cluster_stats(store, normalize="log2cpm")}
 
-    monkeypatch.setattr(cluster_module, "STALL_TIMEOUT", 3.0)
-    store = bigcat.convert(counts, tmp_path / "atlas.zarr", progress=False)
-    processes = DaskProcesses(tmp_path, n_workers=1, threads=1)
+
+def _operation(name: str, data: dict, out: Path, client) -> None:
+    """One of the distributed paths, in many small tasks."""
+    if name == "stats":
+        bigcat.cluster_stats(data["store"], stats="sums,nnz", block_nnz=2_000, client=client)
+    elif name == "convert":
+        bigcat.convert(data["h5ad"], out / "copy.zarr", shard_values=2_000, client=client, progress=False)
+    elif name == "sample":
+        bigcat.sample(data["store"], out / "sample.zarr", cells=0.5, seed=1, client=client, progress=False)
+    else:
+        bigcat.map_cells(data["store"], data["stats"], client=client)
+
+
+WHAT = {"stats": "cluster statistics", "convert": "the parallel copy", "sample": "sampling", "map": "mapping"}
+
+
+@pytest.mark.parametrize("how", ["killed", "paused"])
+@pytest.mark.parametrize("name", list(WHAT))
+def test_a_run_with_no_working_worker_ends_with_one_line(watched, tmp_path, monkeypatch, name, how):
+    """Killing the last worker hung `stats` forever, and a worker paused at its memory limit
+    (250 MB workers) hung every distributed path: each ends with one line now."""
+    monkeypatch.setattr(sys.modules["bigcat.cluster"], "STALL_TIMEOUT", 3.0)
+    monkeypatch.setattr(sys.modules["bigcat.sample"], "BLOCK_NNZ", 2_000)  # many small tasks
+    monkeypatch.setattr(sys.modules["bigcat.mapping"], "QUERY_BLOCK_NNZ", 2_000)
+    # paused at once: the pause threshold is below what a worker process takes to start
+    env = {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.01"} if how == "paused" else None
+    processes = DaskProcesses(tmp_path, n_workers=1, threads=1, memory_limit="2GB", env=env)
     try:
         from distributed import Client
 
@@ -280,23 +308,28 @@ def test_a_run_whose_last_worker_died_ends_with_one_line(counts, tmp_path, monke
 
             def run() -> None:
                 try:
-                    bigcat.cluster_stats(store, stats="sums,nnz", block_nnz=2_000, client=client)
+                    _operation(name, watched, tmp_path, client)
                 except BaseException as error:  # noqa: BLE001 - reported below
                     outcome["error"] = error
 
             thread = threading.Thread(target=run)
             thread.start()
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(client.processing().values()):
-                time.sleep(0.02)
-            os.kill(processes.workers[0].pid, signal.SIGKILL)
+            if how == "killed":
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not any(client.processing().values()):
+                    time.sleep(0.02)
+                os.kill(processes.workers[0].pid, signal.SIGKILL)
             start = time.monotonic()
             thread.join(timeout=120)
             assert not thread.is_alive(), "the run still hangs"
             assert time.monotonic() - start < 60
         error = outcome.get("error")
         assert isinstance(error, BigcatError), error
-        assert "no Dask worker left" in str(error)
+        expected = "no Dask worker left for" if how == "killed" else "every Dask worker has been paused at its memory"
+        assert expected in str(error)
+        assert WHAT[name] in str(error)
         assert "\n" not in str(error)
+        assert not (tmp_path / "copy.zarr").exists()
+        assert not (tmp_path / "sample.zarr").exists()
     finally:
         processes.close()

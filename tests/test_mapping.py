@@ -306,3 +306,19 @@ def test_mapping_onto_an_unrelated_reference_is_refused_or_warned(split: dict, t
     mapped = map_cells(tmp_path / "partly.h5ad", split["stats"])
     assert len(mapped) == query.n_obs
     assert any("marker genes" in r.getMessage() and "are in the query" in r.getMessage() for r in caplog.records)
+
+
+def test_mapping_and_knn_show_progress_in_cells(split: dict, capsys) -> None:
+    n = len(split["query"])
+    query = split["folder"] / "query.h5ad"
+    map_cells(query, split["stats"], progress=True)
+    err = capsys.readouterr().err
+    assert "map: 100%" in err, err
+    assert f"{n}/{n}" in err, err
+    knn(query, split["folder"] / "reference.h5ad", k=3, genes=split["reference"].var_names[:50].tolist(),
+        progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "knn: 100%" in err, err
+    assert f"{n}/{n}" in err, err
+    map_cells(query, split["stats"], progress=False)
+    assert capsys.readouterr().err == ""

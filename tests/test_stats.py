@@ -8,6 +8,7 @@ for variances (E[x²] − E[x]² in float64, then rounded to float32). Counts ar
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from dataclasses import replace
@@ -497,3 +498,12 @@ def test_remote_scheduler(dask_scheduler, stores, atlas, monkeypatch, budget, en
         )
         assert client.run(lambda: 1)  # the worker is alive after the run
     check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy(), normalize=True))
+
+
+def test_groupby_engine_shows_progress(atlas_h5ad, capsys):
+    bigcat.cluster_stats(atlas_h5ad, stats="sums", engine="groupby", progress=True)
+    err = capsys.readouterr().err
+    done = re.findall(r"stats: 100%\|[^|]*\| (\d+)/(\d+)", err)
+    assert done, err
+    assert done[-1][0] == done[-1][1]
+    assert int(done[-1][1]) > 0

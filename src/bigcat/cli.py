@@ -541,7 +541,7 @@ def map_(
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     storage_option: StorageOptions = None,
-    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to silence here)
+    quiet: Quiet = False,
 ) -> None:
     """Map query cells onto reference clusters (correlation with cluster means over markers, or kNN vote)."""
     from bigcat.cluster import connect
@@ -553,7 +553,7 @@ def map_(
         _dashboard(client)
         table = map_cells(
             query, reference, markers=markers, method=method, reference_data=reference_data, by=by, k=k,
-            bootstrap=bootstrap, seed=seed, client=client, storage_options=options,
+            bootstrap=bootstrap, seed=seed, client=client, storage_options=options, progress=_progress(quiet),
         )  # fmt: skip
     counts = table["cluster"].astype(str).value_counts()
     typer.echo(

@@ -326,7 +326,10 @@ STALL_TIMEOUT = 120.0
 def completed(client: Any, futures: list, *, what: str = "the computation") -> Iterator[Any]:
     """The futures in the order they finish, like ``distributed.as_completed``, but ending
     with one line (:class:`ClusterError`) when no worker is left, or every worker stays
-    paused at its memory limit, for :data:`STALL_TIMEOUT` seconds."""
+    paused at its memory limit, for :data:`STALL_TIMEOUT` seconds, or when Dask cancels
+    them (a worker died holding data it cannot recompute, such as a scattered input)."""
+    from concurrent.futures import CancelledError
+
     from distributed import wait
 
     pending = set(futures)
@@ -336,6 +339,10 @@ def completed(client: Any, futures: list, *, what: str = "the computation") -> I
             done, pending = wait(list(pending), timeout=2, return_when="FIRST_COMPLETED")
         except TimeoutError:  # nothing finished in these 2 s
             done = set()
+        except CancelledError as error:
+            raise stall_error(client, what, cancelled=True) from error
+        if any(future.status == "cancelled" for future in done):
+            raise stall_error(client, what, cancelled=True)
         if done:
             stalled_since = None
             yield from done
@@ -347,18 +354,39 @@ def completed(client: Any, futures: list, *, what: str = "the computation") -> I
             continue
         stalled_since = stalled_since or time.monotonic()
         if time.monotonic() - stalled_since >= STALL_TIMEOUT:
-            if not workers:
-                msg = (
-                    f"no Dask worker left for {what} (all died or were stopped) for {STALL_TIMEOUT:g} s; restart "
-                    "workers (dask worker, or the deploy's jobs) with more memory, or use a smaller --block-values"
-                )
-            else:
-                msg = (
-                    f"every Dask worker has been paused at its memory limit for {STALL_TIMEOUT:g} s during {what}; "
-                    "give the workers more memory (--memory-limit, memory in cluster.yaml) or use smaller "
-                    "--block-values"
-                )
-            raise ClusterError(msg)
+            raise stall_error(client, what)
+
+
+def stall_error(client: Any, what: str, *, cancelled: bool = False) -> ClusterError:
+    """The one line that ends a run the cluster cannot finish: no worker left, every worker
+    paused at its memory limit, or (``cancelled``) work Dask gave up on."""
+    workers = client.nthreads() if cancelled else _workers_info(client)  # fresh after a worker's death
+    if not workers:
+        return ClusterError(
+            f"no Dask worker left for {what} (all died or were stopped); restart workers (dask worker, or the "
+            "deploy's jobs) with more memory, or use a smaller --block-values"
+        )
+    if cancelled:
+        return ClusterError(
+            f"Dask cancelled {what}: a worker died holding data that cannot be computed again (what was sent "
+            "to the workers); run it again, with more memory per worker"
+        )
+    return ClusterError(
+        f"every Dask worker has been paused at its memory limit for {STALL_TIMEOUT:g} s during {what}; give the "
+        "workers more memory (--memory-limit, memory in cluster.yaml) or use smaller --block-values"
+    )
+
+
+def gather(client: Any, futures: list, *, what: str = "the computation", done: Any = None) -> list:
+    """The futures' results in their order, waited for as :func:`completed` waits;
+    ``done(i)`` is called as the ``i``-th arrives."""
+    position = {future.key: i for i, future in enumerate(futures)}
+    results: list = [None] * len(futures)
+    for future in completed(client, futures, what=what):
+        results[position[future.key]] = future.result()
+        if done is not None:
+            done(position[future.key])
+    return results
 
 
 @contextlib.contextmanager

@@ -116,26 +116,37 @@ def _open(data: Any, storage_options: dict | None) -> Any:
     return open_source(data, storage_options=storage_options)
 
 
-def _run_blocks(function: Any, bounds: np.ndarray, shared: Any, client: Any, *args: Any) -> list:
-    """``function(shared, start, stop, *args)`` for every row block, in parallel, in order.
+def _run_blocks(function: Any, bounds: np.ndarray, shared: Any, client: Any, *args: Any,
+                progress: bool | None = None, desc: str = "map") -> list:  # fmt: skip
+    """``function(shared, start, stop, *args)`` for every row block, in parallel, in order,
+    with a bar of cells done.
 
     ``shared`` (the reference profiles or index) goes to the workers once: scattered to
     every worker of a ``client``, or one key of the graph otherwise.
     """
     import dask
+    from dask.callbacks import Callback
+
+    from bigcat.progress import progress_bar
 
     pairs = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-    if client is not None:
-        from bigcat.cluster import capacity, use_workers
+    with progress_bar(total=int(bounds[-1] - bounds[0]), unit="cells", desc=desc, enabled=progress) as bar:
+        if client is not None:
+            from bigcat.cluster import STALL_TIMEOUT, capacity, gather, stall_error, use_workers
 
-        # the workers the cluster will have have joined before the profiles are broadcast
-        with use_workers(client, min(capacity(client).workers, max(len(pairs), 1)), what="mapping"):
-            [handle] = client.scatter([shared], broadcast=True, hash=False)
-            futures = [client.submit(function, handle, a, b, *args, pure=False) for a, b in pairs]
-            return client.gather(futures)
-    handle = dask.delayed(shared, traverse=False)
-    tasks = [dask.delayed(function, pure=False)(handle, a, b, *args) for a, b in pairs]
-    return list(dask.compute(*tasks, scheduler="threads"))
+            # the workers the cluster will have have joined before the profiles are broadcast
+            with use_workers(client, min(capacity(client).workers, max(len(pairs), 1)), what="mapping"):
+                try:  # waits for a running worker (not one paused at its memory limit)
+                    [handle] = client.scatter([shared], broadcast=True, hash=False, timeout=STALL_TIMEOUT)
+                except TimeoutError as error:
+                    raise stall_error(client, "mapping") from error
+                futures = [client.submit(function, handle, a, b, *args, pure=False) for a, b in pairs]
+                return gather(client, futures, what="mapping", done=lambda i: bar.update(pairs[i][1] - pairs[i][0]))
+        handle = dask.delayed(shared, traverse=False)
+        tasks = [dask.delayed(function, pure=False)(handle, a, b, *args) for a, b in pairs]
+        cells = {task.key: b - a for task, (a, b) in zip(tasks, pairs, strict=True)}
+        with Callback(posttask=lambda key, *_: bar.update(cells.get(key, 0))):
+            return list(dask.compute(*tasks, scheduler="threads"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +194,7 @@ def map_cells(
     seed: int = 0,
     client: Any = None,
     storage_options: dict | None = None,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Assign each query cell to a reference cluster.
 
@@ -219,6 +231,8 @@ def map_cells(
         A ``distributed.Client`` (default: threads in this process).
     storage_options
         fsspec options for URLs.
+    progress
+        Show a progress bar of query cells (``None``: only on a terminal).
 
     Returns
     -------
@@ -263,7 +277,7 @@ def map_cells(
     bounds = source.row_bounds(QUERY_BLOCK_NNZ)
     names = source.obs_names()
     if method == "knn":
-        return _map_knn(source, reference_data, by, genes, normalize, k, names, client, storage_options)
+        return _map_knn(source, reference_data, by, genes, normalize, k, names, client, storage_options, progress)
     ref_genes = pd.Index(np.asarray(ds["gene"].values).astype(str))
     profiles = np.asarray(ds["means"].values, dtype=np.float64)[:, ref_genes.get_indexer(genes)]
     shared: dict[str, Any] = {"profiles": _standardize(profiles), "subsets": None}
@@ -273,7 +287,9 @@ def map_cells(
         subsets = [np.sort(rng.choice(len(genes), size=half, replace=False)) for _ in range(bootstrap)]
         shared["subsets"] = subsets
         shared["subset_profiles"] = [_standardize(profiles[:, s]) for s in subsets]
-    parts = _run_blocks(_correlate_block, bounds, shared, client, source, columns, normalize == "log2cpm")
+    parts = _run_blocks(
+        _correlate_block, bounds, shared, client, source, columns, normalize == "log2cpm", progress=progress
+    )
     joined = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0) for key in parts[0]}
     second = joined["second"]
     frame = pd.DataFrame(
@@ -293,7 +309,7 @@ def map_cells(
 
 def _map_knn(
     source: Any, reference_data: Any, by: str, genes: list[str], normalize: str | None, k: int, names: Any,
-    client: Any, storage_options: dict | None,
+    client: Any, storage_options: dict | None, progress: bool | None,
 ) -> pd.DataFrame:  # fmt: skip
     if reference_data is None:
         msg = "method='knn' needs the reference cells: reference_data= (and by=, their cluster column)"
@@ -304,7 +320,8 @@ def _map_knn(
     except KeyError:
         msg = f"{ref.path}: no obs column {by!r}; available: {', '.join(ref.obs_columns())}"
         raise BigcatInputError(msg) from None
-    result = knn(source, ref, k=k, genes=genes, normalize=normalize, metric="correlation", client=client)
+    result = knn(source, ref, k=k, genes=genes, normalize=normalize, metric="correlation", client=client,
+                 progress=progress)  # fmt: skip
     neighbours = np.asarray(result["indices"].values)
     votes = labels[neighbours]
     best, best_share, second, second_share = [], [], [], []
@@ -565,6 +582,7 @@ def knn(
     max_memory: int = MAX_MEMORY,
     client: Any = None,
     storage_options: dict | None = None,
+    progress: bool | None = None,
 ) -> Any:
     """The ``k`` nearest reference cells of every query cell.
 
@@ -596,6 +614,8 @@ def knn(
     client
         A ``distributed.Client``: the index is scattered once to every worker and query
         blocks run there (default: threads here).
+    progress
+        Show a progress bar of query cells searched (``None``: only on a terminal).
 
     Returns
     -------
@@ -673,7 +693,8 @@ def knn(
         index = _HnswIndex(data, metric, seed)
     del data  # an approximate index holds its own copy
     qry_space = _Space(qry_columns, do_norm, metric, ref_space.pca)
-    parts = _run_blocks(_search_block, qry_space.bounds(qry), index, client, qry, qry_space, k)
+    parts = _run_blocks(_search_block, qry_space.bounds(qry), index, client, qry, qry_space, k, progress=progress,
+                        desc="knn")  # fmt: skip
     indices = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, k), np.int64)
     distances = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, k), np.float32)
     cells = np.asarray(qry.obs_names()).astype(str).astype(object)

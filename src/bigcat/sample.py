@@ -221,7 +221,7 @@ def _parts_on_cluster(source: MatrixSource, rows: np.ndarray, genes: np.ndarray 
     """Subset blocks computed by the workers, yielded in row order with a bounded number in flight."""
     from collections import deque
 
-    from bigcat.cluster import capacity, check_visible, use_workers
+    from bigcat.cluster import capacity, check_visible, gather, use_workers
 
     bounds = source.row_bounds(BLOCK_NNZ)
     cap = capacity(client)  # what the cluster will have, not only what has joined yet
@@ -236,9 +236,9 @@ def _parts_on_cluster(source: MatrixSource, rows: np.ndarray, genes: np.ndarray 
             first, last = int(rows[lo]), int(rows[hi - 1]) + 1
             pending.append(client.submit(_read_subset, source, first, last, rows[lo:hi], genes, pure=False))
             if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
+                yield from gather(client, [pending.popleft()], what="sampling")
         while pending:
-            yield pending.popleft().result()
+            yield from gather(client, [pending.popleft()], what="sampling")
 
 
 def _blocks_with(source: MatrixSource, rows: np.ndarray):

@@ -573,7 +573,7 @@ def cluster_stats(
                 parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress, n_derived
             )
         else:
-            acc = _groupby(parts, len(clusters), gene_index, settings, client)
+            acc = _groupby(parts, len(clusters), gene_index, settings, client, progress)
     except _NegativeValuesError as error:
         msg = f"{', '.join(p.name for p in parts)}: {error}"
         raise BigcatInputError(msg) from None
@@ -1314,8 +1314,8 @@ def _groupby(
     gene_index: np.ndarray,
     settings: _Settings,
     client: Any,
+    progress: bool | None = None,
 ) -> dict:
-    import dask
     import dask.array as da
     import xarray as xr
 
@@ -1350,14 +1350,36 @@ def _groupby(
     for name, test_threshold, test_ge in settings.extra:
         passes = values >= test_threshold if test_ge else values > test_threshold
         lazy[f"present_counts_{name}"] = passes.groupby(group).sum()
-    scheduler = client if client is not None else None
-    computed = dask.compute(lazy, scheduler=scheduler)[0] if scheduler else dask.compute(lazy)[0]
+    computed = dict(zip(lazy, _compute_with_progress(list(lazy.values()), client, progress), strict=True))
     acc = {}
     for name, result in computed.items():
         result = result.reindex(cluster_code=np.arange(n_clusters, dtype=float), fill_value=0)
         dtype = settings.dtype("present_counts" if name.startswith("present_counts_") else name)
         acc[name] = np.ascontiguousarray(result.transpose("cluster_code", "gene").values, dtype=dtype)
     return acc
+
+
+def _compute_with_progress(collections: list, client: Any, progress: bool | None) -> list:
+    """``dask.compute`` of ``collections`` with a bar of tasks done (in this process) or of
+    results done (on a cluster, waited for as :func:`bigcat.cluster.completed` waits)."""
+    import dask
+    from dask.callbacks import Callback
+
+    from bigcat.progress import progress_bar
+
+    if client is not None:
+        from bigcat.cluster import gather
+
+        futures = client.compute(collections)
+        with progress_bar(total=len(futures), unit="statistics", desc="stats", enabled=progress) as bar:
+            return gather(client, futures, what="cluster statistics (groupby engine)", done=lambda _: bar.update(1))
+    with progress_bar(total=0, unit="tasks", desc="stats", enabled=progress) as bar:  # total: when it starts
+
+        def start_state(graph: Any, state: dict) -> None:
+            bar.reset(total=len(graph) - len(state["cache"]))  # literals are not run
+
+        with Callback(start_state=start_state, posttask=lambda *_: bar.update(1)):
+            return list(dask.compute(*collections))
 
 
 # --------------------------------------------------------------------------------------------

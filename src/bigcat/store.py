@@ -1142,7 +1142,7 @@ class SparseZarrWriter(MatrixWriter):
         array — no two tasks touch the same file. ``indptr`` (validated) comes from the
         source. Instead of :meth:`write_rows`; the workers must see both paths.
         """
-        from distributed import as_completed
+        from bigcat.cluster import completed
 
         indptr = source.indptr
         nnz = int(indptr[-1])
@@ -1171,7 +1171,7 @@ class SparseZarrWriter(MatrixWriter):
             )
             for lo, hi in ranges
         ]
-        for future in as_completed(futures):
+        for future in completed(client, futures, what="the parallel copy"):
             future.result()
             if progress is not None:
                 progress(int(future.key.rsplit("-", 1)[1]))
