@@ -23,11 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bigcat
-from bigcat import derived as derived_module
-from bigcat import stats as stats_module
 from bigcat.cluster import Capacity
 from bigcat.errors import BigcatInputError
 from bigcat.stats import STATISTICS, cluster_stats, merge_stats, read_stats, write_stats
+from bigcat.stats import api as api_module
+from bigcat.stats import blocks as blocks_module
+from bigcat.stats import lazy as derived_module
+from bigcat.stats import plan as plan_module
+from bigcat.stats.statistics import _Settings
 from conftest import dense
 from oracles import check, oracle
 
@@ -83,7 +86,7 @@ def test_blocks_engine_matches_oracle(tmp_path_factory, problem):
     path = write_h5ad(tmp_path_factory.mktemp("p") / "x.h5ad", x, labels)
     with pytest.MonkeyPatch.context() as patch:
         # clusters here are small (uint16 counts); int32 is what clusters of > 65,535 cells get
-        patch.setattr(stats_module, "count_dtype", lambda _n: np.dtype(counts))
+        patch.setattr(api_module, "count_dtype", lambda _n: np.dtype(counts))
         result = stats_of(path, threshold, op, normalize, block_nnz=block_nnz)
     assert result["present_counts"].dtype == result["nnz"].dtype == np.dtype(counts)
     check(result, oracle(x.toarray(), labels, threshold=threshold, op=op, normalize=normalize))
@@ -201,7 +204,7 @@ def test_subsets_threshold_and_gene_order(stores, atlas):
     ],
 )
 def test_decomposition_gives_every_planned_thread_a_share(capacity, acc_bytes, blocks, in_process, expected):
-    rows, ranges = stats_module._decompose(capacity, acc_bytes, blocks, 5000, in_process)
+    rows, ranges = plan_module._decompose(capacity, acc_bytes, blocks, 5000, in_process)
     assert (rows, ranges) == expected
     if not in_process:
         assert rows * ranges >= capacity.workers  # no worker left idle
@@ -219,23 +222,23 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
         return next(r.getMessage() for r in reversed(caplog.records) if "row partitions" in r.getMessage())
 
     caplog.set_level("INFO", logger="bigcat")
-    monkeypatch.setattr(stats_module, "_capacity", lambda client: Capacity(1, 4, 1))  # tiny budget → R = 1, C = 4
+    monkeypatch.setattr(blocks_module, "_capacity", lambda client: Capacity(1, 4, 1))  # tiny budget → R = 1, C = 4
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
     assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
-    monkeypatch.setattr(stats_module, "_capacity", lambda client: Capacity(1, 4, 1 << 40))  # R = 4, C = 1
+    monkeypatch.setattr(blocks_module, "_capacity", lambda client: Capacity(1, 4, 1 << 40))  # R = 4, C = 1
     check(cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000), expected)
     assert decomposition().endswith("as 4 row partitions × 1 cluster ranges")
     # large accumulators, threads in this process: one copy of them, cluster ranges only;
     # blocks read into an arena in which the float32 statistics are then built
-    monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
+    monkeypatch.setattr(plan_module, "BIG_ACCUMULATORS", 0)
     arenas = []
 
-    class Spy(stats_module.PageArena):
+    class Spy(blocks_module.PageArena):
         def __init__(self, nbytes: int) -> None:
             super().__init__(nbytes)
             arenas.append(self)
 
-    monkeypatch.setattr(stats_module, "PageArena", Spy)
+    monkeypatch.setattr(blocks_module, "PageArena", Spy)
     result = cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000)
     check(result, expected)
     assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
@@ -274,37 +277,37 @@ def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas, monkeyp
 
 
 def test_block_size_grows_with_the_accumulators(monkeypatch, stores, atlas):
-    settings = stats_module._Settings(("sums", "sqr_sums", "present_counts"), 0.0, op_ge=False, normalize=False)
-    base = stats_module.BLOCK_NNZ
-    assert stats_module._default_block_nnz(50, 32285, settings) == base
+    settings = _Settings(("sums", "sqr_sums", "present_counts"), 0.0, op_ge=False, normalize=False)
+    base = plan_module.BLOCK_NNZ
+    assert plan_module._default_block_nnz(50, 32285, settings) == base
     # the switch is where the accumulators (20 bytes per cluster × gene here) pass 512 MB
-    assert stats_module._default_block_nnz(792, 32285, settings) == base
-    assert stats_module._default_block_nnz(793, 32285, settings) == 4 * base
+    assert plan_module._default_block_nnz(792, 32285, settings) == base
+    assert plan_module._default_block_nnz(793, 32285, settings) == 4 * base
     # then blocks of accumulator bytes / 24 values, up to MAX_BLOCK_NNZ
-    assert stats_module._default_block_nnz(2000, 32285, settings) == 2000 * 32285 * 20 // 24
-    assert stats_module._default_block_nnz(5000, 32285, settings) == stats_module.MAX_BLOCK_NNZ
-    narrow = stats_module._Settings(settings.accumulators, 0.0, op_ge=False, normalize=False, counts="uint16")
-    assert stats_module._default_block_nnz(5000, 32285, narrow) == 5000 * 32285 * 18 // 24
+    assert plan_module._default_block_nnz(2000, 32285, settings) == 2000 * 32285 * 20 // 24
+    assert plan_module._default_block_nnz(5000, 32285, settings) == plan_module.MAX_BLOCK_NNZ
+    narrow = _Settings(settings.accumulators, 0.0, op_ge=False, normalize=False, counts="uint16")
+    assert plan_module._default_block_nnz(5000, 32285, narrow) == 5000 * 32285 * 18 // 24
     # blocks sent between worker processes stay small
-    assert stats_module._default_block_nnz(5000, 32285, narrow, in_process=False) == 4 * base
+    assert plan_module._default_block_nnz(5000, 32285, narrow, in_process=False) == 4 * base
     # and it changes nothing but speed: force the large-block path on the test atlas
     seen = []
-    real = stats_module._plan_blocks
+    real = blocks_module._plan_blocks
 
     def spy(parts, settings, block_nnz, *args):
         seen.append(block_nnz)
         return real(parts, settings, block_nnz, *args)
 
-    monkeypatch.setattr(stats_module, "BIG_ACCUMULATORS", 0)
-    monkeypatch.setattr(stats_module, "_plan_blocks", spy)
+    monkeypatch.setattr(plan_module, "BIG_ACCUMULATORS", 0)
+    monkeypatch.setattr(blocks_module, "_plan_blocks", spy)
     result = cluster_stats(stores["sparse"], stats=ALL)
     assert seen == [4 * base]
     check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy()))
 
 
 def test_count_accumulators_are_as_narrow_as_the_largest_cluster_allows(stores):
-    assert stats_module.count_dtype(1) == stats_module.count_dtype(65_535) == np.dtype(np.uint16)
-    assert stats_module.count_dtype(65_536) == np.dtype(np.int32)
+    assert bigcat.stats.count_dtype(1) == bigcat.stats.count_dtype(65_535) == np.dtype(np.uint16)
+    assert bigcat.stats.count_dtype(65_536) == np.dtype(np.int32)
     result = cluster_stats(stores["sparse"], stats="present,nnz")
     assert result["present_counts"].dtype == result["nnz"].dtype == np.dtype(np.uint16)
     # merged results of uint16 counts whose sums pass 65,535 widen to int32, exactly
@@ -324,8 +327,8 @@ def test_non_finite_entries_are_counted_slab_by_slab():
     values = np.random.default_rng(0).normal(size=(37, 41))
     values.reshape(-1)[[0, 99, 100, 101, 1516]] = [np.nan, np.inf, -np.inf, np.nan, np.inf]  # at slab edges too
     for slab in (1, 7, 100, 1 << 18):
-        assert stats_module._count_nonfinite(values, slab=slab) == 5
-    assert stats_module._count_nonfinite(np.zeros((0, 4))) == 0
+        assert api_module._count_nonfinite(values, slab=slab) == 5
+    assert api_module._count_nonfinite(np.zeros((0, 4))) == 0
 
 
 def test_release_free_memory_runs_on_linux_without_a_child_process(monkeypatch):
@@ -490,8 +493,8 @@ def test_remote_scheduler(dask_scheduler, stores, atlas, monkeypatch, budget, en
     """The same code path on a real `dask scheduler` + `dask worker` pair on 127.0.0.1."""
     from distributed import Client
 
-    real = stats_module._capacity
-    monkeypatch.setattr(stats_module, "_capacity", lambda client: replace(real(client), threads=2, memory=budget))
+    real = blocks_module._capacity
+    monkeypatch.setattr(blocks_module, "_capacity", lambda client: replace(real(client), threads=2, memory=budget))
     with Client(dask_scheduler) as client:
         result = cluster_stats(
             stores["sparse"], stats=ALL, normalize="log2cpm", block_nnz=50_000, client=client, engine=engine

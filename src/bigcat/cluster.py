@@ -295,24 +295,33 @@ def _wait_for_workers(client: Any, n: int, wait: float, what: str) -> int:
     return present
 
 
-def spread_graph(client: Any, shared: dict, groups: list[dict], tail: dict) -> Any:
+def spread_graph(client: Any, shared: dict, groups: list[dict], tail: dict, pin: Any) -> Any:
     """One graph of ``shared`` tasks, ``groups`` of tasks that use them and ``tail`` tasks
-    that use the groups' results, each group preferring one of the connected workers (group
-    ``i`` on the ``i % n``-th, loosely: another worker takes its tasks if that one leaves).
+    that use the groups' results, each group started on one of the connected workers: its
+    tasks whose key ``pin(key)`` accepts prefer the ``i % n``-th worker (loosely: another
+    takes them if that one leaves), and the rest follow their data.
 
     The scheduler alone places a group's first task wherever a thread is free at that moment,
     and the rest follow its data: on a cluster whose workers join a second apart, every chain
-    of a statistics pass could end up on the first worker.
+    of a statistics pass could end up on the first worker. Restricted tasks that must run
+    again after every worker was lost wait for the worker they were restricted to (loose or
+    not): a run with one worker is not restricted, and :func:`completed` ends a run in
+    which no worker has had anything to do for :data:`STALL_TIMEOUT` seconds.
     """
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     addresses = sorted(client.scheduler_info(**_all_workers(client)).get("workers", {}))
+    if len(addresses) < 2:  # nothing to spread; and restricted tasks outlive their worker
+        addresses = []
     layers = {"bigcat-shared": MaterializedLayer(shared)}
     dependencies: dict[str, set[str]] = {"bigcat-shared": set()}
     for i, group in enumerate(groups):
         annotations = {"workers": [addresses[i % len(addresses)]], "allow_other_workers": True} if addresses else None
-        layers[f"bigcat-group-{i}"] = MaterializedLayer(group, annotations=annotations)
-        dependencies[f"bigcat-group-{i}"] = {"bigcat-shared"}
+        heads = {key: task for key, task in group.items() if pin(key)}
+        layers[f"bigcat-head-{i}"] = MaterializedLayer(heads, annotations=annotations)
+        dependencies[f"bigcat-head-{i}"] = {"bigcat-shared"}
+        layers[f"bigcat-group-{i}"] = MaterializedLayer({k: t for k, t in group.items() if k not in heads})
+        dependencies[f"bigcat-group-{i}"] = {"bigcat-shared", f"bigcat-head-{i}"}
     layers["bigcat-tail"] = MaterializedLayer(tail)
     dependencies["bigcat-tail"] = set(dependencies)
     return HighLevelGraph(layers, dependencies)
@@ -349,18 +358,24 @@ def completed(client: Any, futures: list, *, what: str = "the computation") -> I
             continue
         workers = _workers_info(client)
         paused = bool(workers) and all(str(w.get("status", "")).endswith("paused") for w in workers)
-        if workers and not paused:
+        if workers and not paused and any(client.processing().values()):
             stalled_since = None
             continue
         stalled_since = stalled_since or time.monotonic()
         if time.monotonic() - stalled_since >= STALL_TIMEOUT:
-            raise stall_error(client, what)
+            raise stall_error(client, what, idle=bool(workers) and not paused)
 
 
-def stall_error(client: Any, what: str, *, cancelled: bool = False) -> ClusterError:
+def stall_error(client: Any, what: str, *, cancelled: bool = False, idle: bool = False) -> ClusterError:
     """The one line that ends a run the cluster cannot finish: no worker left, every worker
-    paused at its memory limit, or (``cancelled``) work Dask gave up on."""
+    paused at its memory limit, (``cancelled``) work Dask gave up on, or (``idle``) work no
+    worker is given."""
     workers = client.nthreads() if cancelled else _workers_info(client)  # fresh after a worker's death
+    if idle and workers:
+        return ClusterError(
+            f"no Dask worker has had work for {what} for {STALL_TIMEOUT:g} s although some is left (tasks "
+            "waiting for workers that are gone); run it again"
+        )
     if not workers:
         return ClusterError(
             f"no Dask worker left for {what} (all died or were stopped); restart workers (dask worker, or the "

@@ -167,8 +167,14 @@ def _lazy(source: MatrixSource, chunk_nnz: int) -> Any:
         meta = np.empty((0, 0), dtype=source.dtype)
     else:
         meta = sparse.COO.from_numpy(np.zeros((0, 0), dtype=source.dtype))
-    name = f"bigcat-{source.element.replace('/', '-')}-{_token(source)}"
+    name = f"{array_name(source.element)}-{_token(source)}"
     return da.from_array(_LazyX(source), chunks=chunks, meta=meta, asarray=False, fancy=False, name=name)
+
+
+def array_name(element: str) -> str:
+    """The name prefix of the Dask array over one of a file's matrices (``bigcat-X`` for X):
+    statistics read the file directly when a Dataset's X is still this untouched array."""
+    return f"bigcat-{element.replace('/', '-')}"
 
 
 def _extra_variables(source: MatrixSource, chunk_nnz: int) -> dict[str, tuple]:

@@ -1,0 +1,547 @@
+"""Per-cluster statistics (sums, means, present, squared means, variances, non-zeros), out of core.
+
+:func:`cluster_stats` is the heart of bigcat. The default ``blocks`` engine runs a
+compiled kernel (:mod:`bigcat.kernels`) over row blocks of the sparse matrix as Dask
+tasks: a single pass over each block's stored values accumulates every requested
+statistic; nothing is densified.
+
+Memory is bounded by a 2-D decomposition of the accumulator instead of one partial per
+block (which at 5,000 clusters × 32,285 genes would be 1.3 GB *per statistic per block*):
+
+- the accumulator (clusters × genes) is split into ``C`` cluster ranges, and the row
+  blocks into ``R`` row partitions; each of the ``R × C`` pieces has exactly one owner, a
+  chain of tasks that folds its blocks one after the other into it (no per-block partials);
+- ``R`` is as large as the memory budget allows (with few clusters: one piece per
+  thread, summed by a tree of fan-in ≤ 8 at the end); with many clusters ``R = 1`` and
+  the threads split the clusters instead (ranges balanced by cells; a thread visits only
+  its clusters' rows of each block), so there is exactly one accumulator in memory;
+- reads run at most two blocks ahead of each chain, so blocks never pile up in memory.
+
+The ``groupby`` engine is the "native xarray" reference: ``xarray`` ``groupby`` with
+flox over the Dask array (blocks densified, float64), on either layout. Both engines
+return the same :class:`xarray.Dataset`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from bigcat.errors import BigcatInputError
+from bigcat.readers import (
+    BufferPool,
+    MatrixSource,
+    block_bounds,
+)
+from bigcat.stats import plan
+from bigcat.stats.inputs import _Part
+from bigcat.stats.plan import _capacity, _decompose, _inproc
+from bigcat.stats.statistics import EXTRA, _accumulator_bytes, _Settings, _zero_passes
+from bigcat.util import (
+    ByReference,
+    PageArena,
+    prefault,
+    release_free_memory,
+    small_pages,
+)
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("bigcat")
+
+
+#: the task-key prefixes of a pass: a chain's init, its reads and folds, the per-block
+#: token the progress bar counts, the tree adding row partitions, each range's final task,
+#: and the per-cell totals of a CSC input or a Dataset's chunks (for log2 CPM)
+INIT, READ, FOLD, TOKEN, ADD, FINAL = (f"bigcat-{step}" for step in ("init", "read", "fold", "token", "add", "final"))
+COLUMN_TOTALS, TOTALS, CHUNK_TOTALS = "bigcat-coltotals", "bigcat-totals", "bigcat-chunktotals"
+FEWER_CLUSTERS = "fewer clusters per run (label subsets, then bigcat stats --merge)"
+#: what each task computes, and what to change when a worker dies running it (bigcat.cli)
+STEPS = {
+    FOLD: ("cluster statistics (folding a block into an accumulator)", "a smaller --block-values"),
+    INIT: ("cluster statistics (allocating the accumulators)", FEWER_CLUSTERS),
+    ADD: ("cluster statistics (adding partial results)", FEWER_CLUSTERS),
+    FINAL: ("cluster statistics (finishing the result)", FEWER_CLUSTERS),
+    READ: ("cluster statistics (reading a block)", "a smaller --block-values"),
+}
+#: fan-in of the tree that sums row-partition accumulators
+FAN_IN = 8
+#: blocks a chain may read ahead of its fold
+LOOKAHEAD = 2
+
+
+def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zero-filled accumulator on :func:`bigcat.util.small_pages`, touched now, in order.
+
+    Left to be first touched where the kernel accumulates (scattered, on two threads at
+    once), the 5,000-cluster pass spent 14–17 s of system time instead of 4–5 s.
+    """
+    out = small_pages(shape, dtype)
+    if not prefault(out):
+        out.fill(0)
+    return out
+
+
+def _init_task(settings: _Settings, n_clusters: int, n_genes: int, views: dict | None) -> dict:
+    """A zeroed accumulator piece (its clusters × all output genes): views into the final
+    result when running in-process, else new arrays."""
+    if views is not None:
+        for view in views.values():
+            if not prefault(view):  # fresh zero pages (small_pages): touched, not written
+                view.fill(0)
+        return views
+    return {
+        name: zeros(settings.shape(name, n_clusters, n_genes), settings.dtype(name)) for name in settings.accumulators
+    }
+
+
+_EMPTY_F = np.zeros((0, 0), dtype=np.float64)
+
+
+def _fold_task(
+    acc: dict,
+    block: tuple,
+    codes: np.ndarray,
+    gene_map: np.ndarray,
+    totals: np.ndarray | None,
+    settings: _Settings,
+    c_lo: int,
+) -> dict:
+    """Fold one block into one accumulator piece, in place (the piece has a single owner:
+    this chain of tasks), and hand it on."""
+    from bigcat import kernels
+
+    kind, data, indices, indptr, col_offset = block
+    if settings.normalize:
+        _check_counts(data)
+    if kind == "csr":
+        identity = kernels.is_identity(gene_map)  # every gene, in order: no map to look up
+        kernels.fold_csr(
+            data,
+            indices,
+            indptr,
+            col_offset,
+            codes,
+            None if identity else gene_map,
+            (np.zeros(0, dtype=np.float64) if totals is None else totals) if settings.normalize else None,
+            settings.threshold,
+            settings.op_ge,
+            settings.count_fails,
+            c_lo,
+            acc.get("sums"),
+            acc.get("sqr_sums"),
+            acc.get("present_counts"),
+            acc.get("nnz"),
+            acc.get(EXTRA),
+            settings.tests if EXTRA in acc else None,
+        )
+        return acc
+    kernels.fold_csc(
+        data,
+        indices,
+        indptr,
+        col_offset,
+        codes,
+        gene_map,
+        np.zeros(0, dtype=np.float64) if totals is None else totals,
+        settings.normalize,
+        settings.threshold,
+        settings.op_ge,
+        settings.count_fails,
+        c_lo,
+        acc.get("sums", _EMPTY_F),
+        acc.get("sqr_sums", _EMPTY_F),
+        acc.get("present_counts", np.zeros((0, 0), settings.counts)),
+        acc.get("nnz", np.zeros((0, 0), settings.counts)),
+        acc.get(EXTRA, np.zeros((0, 0, 0), settings.counts)),
+        settings.tests,
+    )
+    return acc
+
+
+class _NegativeValuesError(BigcatInputError):
+    """Raised inside a task; :func:`cluster_stats` adds the input's name."""
+
+
+def _check_counts(data: np.ndarray) -> None:
+    """log2 CPM needs counts: refuse negative values (NaN passes; it propagates)."""
+    if data.size and data.dtype.kind in "fi" and np.nanmin(data, initial=0) < 0:
+        n = int(np.count_nonzero(data < 0))
+        msg = (
+            f"X has negative values ({n} in one block, e.g. {data[data < 0][0]:g}): normalize='log2cpm' needs "
+            "raw counts; compute on the values as they are (no normalize) if X is already normalized"
+        )
+        raise _NegativeValuesError(msg)
+
+
+def _read_rows(source: MatrixSource, start: int, stop: int, pool: BufferPool | None = None, *_after: Any) -> tuple:
+    block = source.read_rows(start, stop, pool=pool)
+    return ("csr", block.data, block.indices, block.indptr, 0)
+
+
+def _read_columns(source: MatrixSource, start: int, stop: int, *_after: Any) -> tuple:
+    block = source.read_columns(start, stop)
+    return ("csc", block.data, block.indices, block.indptr, start)
+
+
+def _chunk_block(chunk: Any, col_offset: int) -> tuple:
+    """A Dask chunk (pydata sparse, scipy sparse or NumPy) as a CSR block."""
+    if hasattr(chunk, "tocsr"):
+        block = chunk.tocsr()
+    elif hasattr(chunk, "to_scipy_sparse"):
+        block = chunk.to_scipy_sparse().tocsr()
+    else:
+        block = sp.csr_matrix(np.asarray(chunk))
+    block = sp.csr_matrix(block)
+    return ("csr", block.data, block.indices, block.indptr.astype(np.int64), col_offset)
+
+
+def _column_totals(source: MatrixSource, start: int, stop: int) -> np.ndarray:
+    block = source.read_columns(start, stop)
+    return np.bincount(block.indices, weights=block.data.astype(np.float64), minlength=source.shape[0])
+
+
+def _chunk_row_totals(chunk: Any) -> np.ndarray:
+    _, data, _, indptr, _ = _chunk_block(chunk, 0)
+    from bigcat.kernels import row_sums_csr
+
+    return row_sums_csr(data, indptr)[:, None]
+
+
+def _sum_arrays(*arrays: np.ndarray) -> np.ndarray:
+    out = arrays[0].copy()
+    for a in arrays[1:]:
+        out += a
+    return out
+
+
+def _add_task(first: dict, *others: dict) -> dict:
+    for other in others:
+        for name, values in other.items():
+            first[name] += values
+    return first
+
+
+def _token_task(*_folds: Any) -> None:
+    return None
+
+
+def _finalize_task(acc: dict, n_cells: np.ndarray, settings: _Settings) -> dict:
+    if settings.count_fails and "present_counts" in acc:
+        present = acc["present_counts"]
+        np.subtract(n_cells[:, None].astype(present.dtype), present, out=present)
+    if EXTRA in acc:
+        for t, (_, threshold, op_ge) in enumerate(settings.extra):
+            if _zero_passes(threshold, op_ge):
+                counts = acc[EXTRA][:, t, :]
+                np.subtract(n_cells[:, None].astype(counts.dtype), counts, out=counts)
+    return acc
+
+
+@dataclass
+class _Block:
+    read: Any  # a task tuple (or a Dask key for chunk inputs)
+    codes: np.ndarray
+    totals: Any  # None, or a key of the per-row totals
+    col_lo: int  # first and last+1 columns (absolute) the block covers
+    col_hi: int
+    lookahead: bool  # whether reads may be delayed behind folds
+
+
+def _plan_blocks(
+    parts: list[_Part],
+    settings: _Settings,
+    block_nnz: int,
+    graph: dict,
+    token: str,
+    pool: BufferPool | None = None,
+    task_pool: Any = None,
+) -> list[_Block]:
+    """One entry per block over all inputs, skipping blocks with no selected cell (row
+    blocks are read into arrays from ``pool`` when one is given, which the read tasks get
+    as ``task_pool``: the pool itself, or a :class:`bigcat.util.ByReference` to it)."""
+    task_pool = pool if task_pool is None else task_pool
+    blocks: list[_Block] = []
+    for p, part in enumerate(parts):
+        if not (part.codes >= 0).any():
+            continue
+        source = part.source
+        n_genes = len(part.gene_names)
+        if source is not None and source.encoding == "csc":
+            totals_key = None
+            bounds = block_bounds(source.indptr, block_nnz)
+            if settings.normalize:
+                keys = []
+                for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                    key = f"{COLUMN_TOTALS}-{token}-{p}-{i}"
+                    graph[key] = (_column_totals, source, int(lo), int(hi))
+                    keys.append(key)
+                totals_key = f"{TOTALS}-{token}-{p}"
+                graph[totals_key] = (_sum_arrays, *keys) if keys else (np.zeros, part.n_cells)
+            for lo, hi in itertools.pairwise(bounds):
+                blocks.append(
+                    _Block(
+                        (_read_columns, source, int(lo), int(hi)),
+                        part.codes,
+                        totals_key,
+                        int(lo),
+                        int(hi),
+                        lookahead=True,
+                    )
+                )
+        elif source is not None:
+            bounds = source.row_bounds(block_nnz)
+            if pool is not None and source.encoding == "csr" and len(bounds) > 1:
+                pool.size = max(pool.size, int(np.max(np.diff(source.indptr[bounds]))))
+            for lo, hi in itertools.pairwise(bounds):
+                codes = part.codes[lo:hi]
+                if not (codes >= 0).any():
+                    continue
+                read = (_read_rows, source, int(lo), int(hi), task_pool)
+                blocks.append(_Block(read, codes, None, 0, n_genes, lookahead=True))
+        else:
+            x = part.array
+            graph.update(dict(x.__dask_graph__()))
+            row_edges = np.r_[0, np.cumsum(x.chunks[0])]
+            col_edges = np.r_[0, np.cumsum(x.chunks[1])]
+            totals_key = None
+            if settings.normalize and len(x.chunks[1]) > 1:
+                import dask.array as da
+
+                totals = da.map_blocks(
+                    _chunk_row_totals, x, chunks=(x.chunks[0], (1,) * len(x.chunks[1])), dtype=np.float64
+                ).sum(axis=1)
+                graph.update(dict(totals.__dask_graph__()))
+                totals_key = f"{CHUNK_TOTALS}-{token}-{p}"
+                graph[totals_key] = (np.concatenate, list(totals.__dask_keys__()))
+            for i, j in itertools.product(range(len(x.chunks[0])), range(len(x.chunks[1]))):
+                lo, hi = int(row_edges[i]), int(row_edges[i + 1])
+                codes = part.codes[lo:hi]
+                if not (codes >= 0).any():
+                    continue
+                read = (_chunk_block, (x.name, i, j), int(col_edges[j]))
+                block = _Block(read, codes, totals_key, int(col_edges[j]), int(col_edges[j + 1]), lookahead=False)
+                blocks.append(block)
+    return blocks
+
+
+def _blocks(
+    parts: list[_Part],
+    n_clusters: int,
+    n_genes_total: int,
+    gene_index: np.ndarray,
+    settings: _Settings,
+    client: Any,
+    block_nnz: int,
+    progress: bool | None,
+    n_derived: int = 0,
+) -> tuple[dict, PageArena | None]:
+    """The accumulators, and memory the ``n_derived`` float32 statistics may be built in
+    (``None``: none to spare)."""
+    from dask.base import tokenize
+
+    n_out = len(gene_index)
+    token = tokenize([p.name for p in parts], [p.codes for p in parts], gene_index, settings, block_nnz, os.getpid())
+    graph: dict = {}
+    in_process = client is None or _inproc(client)
+    acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
+    # in this process, blocks are read into reused arrays (a pool never travels to workers)
+    pool = BufferPool() if in_process else None
+    # an in-process distributed worker gets the pool and the result views by reference
+    # (distributed pickles graphs, which would copy them)
+    handles: list[ByReference] = []
+
+    def shared(value: Any) -> Any:
+        if client is None or not in_process or value is None:
+            return value
+        handles.append(ByReference(value))
+        return handles[-1]
+
+    blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool, shared(pool))
+    arena = None
+    if pool is not None and acc_bytes > plan.BIG_ACCUMULATORS and n_derived:
+        # with large accumulators, the blocks are read into the memory the float32
+        # statistics take after the pass (room for either; what neither uses is never touched)
+        in_flight = LOOKAHEAD * pool.size * 16  # data and indices of at most 8 bytes each
+        arena = pool.arena = PageArena(max(n_derived * n_clusters * n_out * 4, in_flight) + 8 * PageArena.ALIGN)
+    # -- the decomposition: R row partitions × C cluster ranges --------------------------------
+    cap = _capacity(client)
+    n_row_parts, n_ranges = _decompose(cap, acc_bytes, len(blocks), n_clusters, in_process)
+    all_codes = np.concatenate([p.codes for p in parts])
+    n_cells = np.bincount(all_codes[all_codes >= 0], minlength=n_clusters).astype(np.int64)
+    # cluster ranges holding about the same number of cells (cluster sizes are very skewed)
+    cum = np.cumsum(n_cells)
+    edges = np.searchsorted(cum, np.linspace(0, cum[-1] if len(cum) else 0, n_ranges + 1)[1:-1], side="left") + 1
+    edges = np.unique(np.r_[0, np.minimum(edges, n_clusters), n_clusters]).astype(np.int64)
+    n_ranges = len(edges) - 1
+    log.info(
+        "blocks engine: %d blocks; %d clusters × %d genes (%.2f GB of accumulators) as %d row partitions × %d "
+        "cluster ranges",
+        len(blocks),
+        n_clusters,
+        n_out,
+        acc_bytes / 1e9,
+        n_row_parts,
+        n_ranges,
+    )
+    if client is not None and not in_process:
+        log.info(
+            "planned for %d workers × %d threads, %.2f GB each (%d connected now)",
+            cap.workers,
+            cap.threads,
+            cap.memory / 1e9,
+            cap.present,
+        )
+    gene_map = np.full(n_genes_total, -1, dtype=np.int32)
+    gene_map[gene_index] = np.arange(n_out, dtype=np.int32)
+
+    # -- preallocated results (in-process, chain 0 of each range accumulates into them) -----------
+    # untouched pages: in-process, each range's init task touches its own rows (see zeros);
+    # with a client, every range's result is copied in
+    out = {
+        name: small_pages(settings.shape(name, n_clusters, n_out), settings.dtype(name))
+        for name in settings.accumulators
+    }
+
+    final_keys = []
+    chains: dict[tuple[int, int], str] = {}
+    # each row partition's tasks (init, reads, folds) as a group that one worker runs
+    partitions: list[dict] = [{} for _ in range(n_row_parts)]
+    for r, partition in enumerate(partitions):
+        mine = blocks[len(blocks) * r // n_row_parts : len(blocks) * (r + 1) // n_row_parts]
+        last = {}
+        for c in range(n_ranges):
+            lo, hi = int(edges[c]), int(edges[c + 1])
+            key = f"{INIT}-{token}-{r}-{c}"
+            views = {name: a[lo:hi] for name, a in out.items()} if in_process and r == 0 else None
+            partition[key] = (_init_task, settings, hi - lo, n_out, shared(views))
+            last[c] = key
+        tokens: list[str] = []
+        for k, block in enumerate(mine):
+            read_key = f"{READ}-{token}-{r}-{k}"
+            read = block.read
+            if block.lookahead and k >= LOOKAHEAD:
+                read = (*read, tokens[k - LOOKAHEAD])
+            partition[read_key] = read
+            folds = []
+            for c in range(n_ranges):
+                lo, hi = int(edges[c]), int(edges[c + 1])
+                if n_ranges > 1 and not ((block.codes >= lo) & (block.codes < hi)).any():
+                    continue
+                key = f"{FOLD}-{token}-{r}-{c}-{k}"
+                partition[key] = (_fold_task, last[c], read_key, block.codes, gene_map, block.totals, settings, lo)
+                last[c] = key
+                folds.append(key)
+            tok = f"{TOKEN}-{token}-{r}-{k}"
+            partition[tok] = (_token_task, *folds)
+            tokens.append(tok)
+        for c in range(n_ranges):
+            chains[(r, c)] = last[c]
+    combine: dict = {}  # the partitions' pieces added, each range finalized
+    for c in range(n_ranges):
+        lo, hi = int(edges[c]), int(edges[c + 1])
+        level = [chains[(r, c)] for r in range(n_row_parts)]
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level), FAN_IN):
+                key = f"{ADD}-{token}-{c}-{depth}-{i}"
+                combine[key] = (_add_task, *level[i : i + FAN_IN])
+                nxt.append(key)
+            level, depth = nxt, depth + 1
+        key = f"{FINAL}-{token}-{c}"
+        combine[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
+        final_keys.append(key)
+    workers = min(cap.workers, math.ceil(n_row_parts * n_ranges / cap.threads))
+    inputs = [p.source.path for p in parts if p.source is not None]
+    try:
+        _run((graph, partitions, combine), final_keys, client, progress, out, edges, workers=workers, inputs=inputs)
+    finally:
+        for handle in handles:
+            handle.release()
+    handles.clear()
+    del graph, partitions, combine, blocks
+    # the arena's pages are the statistics' once no block is left in them
+    spare = arena if arena is not None and pool is not None and pool.release() else None
+    if spare is not None:
+        spare.reset()
+    del pool
+    release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
+    return out, spare
+
+
+def _run(
+    graphs: tuple[dict, list[dict], dict],
+    final_keys: list[str],
+    client: Any,
+    progress: bool | None,
+    out: dict,
+    edges: np.ndarray,
+    *,
+    workers: int = 1,
+    inputs: Sequence[Any] = (),
+) -> None:
+    """Execute the graph on the configured scheduler; place each cluster range's result.
+
+    ``graphs``: the tasks every partition uses, each row partition's tasks, and the tasks
+    that combine the partitions. On a cluster, the ``workers`` the plan counted on are asked
+    for and waited for first (:func:`bigcat.cluster.use_workers`), the ``inputs`` checked
+    from them, and each row partition goes to one of them."""
+    from bigcat.progress import progress_bar
+
+    def place(c: int, piece: dict) -> None:
+        lo, hi = int(edges[c]), int(edges[c + 1])
+        for name, array in piece.items():
+            view = out[name][lo:hi]
+            if not np.shares_memory(view, array):
+                view[...] = array
+
+    shared, partitions, combine = graphs
+    tokens = [k for p in partitions for k in p if isinstance(k, str) and k.startswith(f"{TOKEN}-")]
+    with progress_bar(total=len(tokens), unit="blocks", desc="stats", enabled=progress) as bar:
+        if client is None:
+            import dask
+            from dask.callbacks import Callback
+
+            def posttask(key: Any, *_: Any) -> None:
+                if isinstance(key, str) and key.startswith(f"{TOKEN}-"):
+                    bar.update(1)
+
+            graph = shared | combine
+            for partition in partitions:
+                graph |= partition
+            scheduler = dask.config.get("scheduler", None) or "threads"
+            with Callback(posttask=posttask):
+                if scheduler in ("sync", "synchronous", "single-threaded"):
+                    from dask.local import get_sync
+
+                    results = get_sync(graph, final_keys)
+                else:
+                    from dask.threaded import get
+
+                    results = get(graph, final_keys, num_workers=_capacity(None).threads)
+            for c, acc in enumerate(results):
+                place(c, acc)
+            return
+        from bigcat.cluster import check_visible, completed, spread_graph, use_workers
+
+        with use_workers(client, workers, what="cluster statistics"):
+            check_visible(client, list(inputs))
+            # futures on the (tiny) per-block tokens drive the progress bar
+            graph = spread_graph(client, shared, partitions, combine, pin=lambda key: key.startswith(f"{INIT}-"))
+            futures = client.get(graph, [*final_keys, *tokens], sync=False)
+            position = {f.key: c for c, f in enumerate(futures[: len(final_keys)])}
+            for future in completed(client, futures, what="cluster statistics"):
+                if future.key in position:
+                    place(position[future.key], future.result())
+                else:
+                    bar.update(1)
+                future.release()

@@ -1,0 +1,413 @@
+"""Reading and writing statistics results: ``.zarr``, ``.h5ad``, ``.parquet``, ``.csv``."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
+from bigcat.stats.statistics import DERIVED
+
+if TYPE_CHECKING:
+    pass
+
+
+def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> Any:
+    """Open a statistics result written by :func:`write_stats`.
+
+    Parameters
+    ----------
+    path
+        ``.zarr`` (opened lazily), ``.h5ad`` (a layer per statistic), or the long
+        ``.parquet``/``.csv`` table (one row per cluster × gene); a path or a URL.
+    storage_options
+        fsspec options when ``path`` is a URL.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``(cluster, gene)``, a variable per statistic found, ``n_cells(cluster)``, and
+        the attributes recorded when it was computed (where the format keeps them).
+    """
+    from bigcat import fs
+
+    url = fs.is_url(path)
+    path = str(path) if url else fs.local(path)
+    if not fs.exists(path, storage_options):
+        msg = f"{path}: no such file or directory"
+        raise InputNotFoundError(msg)
+    suffix = fs.suffix_of(path)
+    if suffix == ".h5ad":
+        return _read_stats_h5ad(path, storage_options)
+    if suffix in (".parquet", ".csv"):
+        return _read_stats_table(path, storage_options)
+    return _read_stats_zarr(path, storage_options)
+
+
+def _read_stats_zarr(path: str, storage_options: dict | None) -> Any:
+    import xarray as xr
+
+    from bigcat import fs
+    from bigcat.store import read_marker
+
+    marker = read_marker(path, storage_options)
+    if marker is None or marker.get("layout") != "stats" or not marker.get("complete"):
+        msg = f"{path}: not a complete bigcat statistics store (written by `bigcat stats --out X.zarr`)"
+        raise BigcatFormatError(msg)
+    ds = xr.open_zarr(fs.zarr_store(path, storage_options))
+    ds.attrs.pop("bigcat", None)
+    for name in ("cluster", "gene"):
+        if ds[name].dtype.kind in "TU":
+            ds = ds.assign_coords({name: ds[name].values.astype(object)})
+    return ds
+
+
+def _read_stats_h5ad(path: str, storage_options: dict | None) -> Any:
+    import anndata as ad
+    import h5py
+    import xarray as xr
+
+    from bigcat import fs
+
+    try:
+        with fs.open_file(path, storage_options) as handle, h5py.File(handle, "r") as f:
+            if "layers" not in f or "obs" not in f:
+                msg = f"{path}: not a statistics .h5ad (no layers; written by `bigcat stats --out X.h5ad`)"
+                raise BigcatFormatError(msg)
+            adata = ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"]), ad.io.read_elem(f["layers"])
+            uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
+    except OSError as error:
+        msg = f"{path}: not a readable HDF5 file ({error})"
+        raise BigcatFormatError(msg) from error
+    obs, var, layers = adata
+    if "n_cells" not in obs:
+        msg = f"{path}: not a statistics .h5ad (obs has no n_cells column)"
+        raise BigcatFormatError(msg)
+    variables: dict[str, Any] = {"n_cells": (("cluster",), obs["n_cells"].to_numpy(np.int64))}
+    for name, values in layers.items():
+        variables[name] = (("cluster", "gene"), np.asarray(values))
+    coords = {"cluster": obs.index.to_numpy(object), "gene": var.index.to_numpy(object)}
+    attrs = dict(uns.get("bigcat_stats", {}))
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+
+def _read_stats_table(path: str, storage_options: dict | None) -> Any:
+    """The long table (cluster, gene, n_cells, one column per statistic) back as a Dataset."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    import xarray as xr
+
+    from bigcat import fs
+
+    try:
+        with fs.open_file(path, storage_options) as handle:
+            if fs.suffix_of(path) == ".parquet":
+                table = pq.read_table(handle, read_dictionary=["cluster", "gene"])
+            else:
+                options = pacsv.ConvertOptions(
+                    column_types={"cluster": pa.string(), "gene": pa.string()},
+                    auto_dict_encode=True,
+                    auto_dict_max_cardinality=1 << 30,
+                )
+                table = pacsv.read_csv(handle, convert_options=options)
+    except (pa.ArrowInvalid, OSError) as error:
+        msg = f"{path}: not a readable statistics table ({' '.join(str(error).split())[:200]})"
+        raise BigcatFormatError(msg) from error
+    missing = [c for c in ("cluster", "gene", "n_cells") if c not in table.column_names]
+    if missing:
+        msg = (
+            f"{path}: not a long statistics table (no column {', '.join(missing)}; "
+            "written by `bigcat stats --out X.parquet` without --wide)"
+        )
+        raise BigcatFormatError(msg)
+
+    def codes(name: str) -> tuple[np.ndarray, np.ndarray]:
+        column = table.column(name)
+        if not pa.types.is_dictionary(column.type):
+            column = column.dictionary_encode()
+        column = column.unify_dictionaries().combine_chunks() if column.num_chunks > 1 else column.combine_chunks()
+        values, order = pd.factorize(np.asarray(column.indices), sort=False)
+        return values, np.asarray(column.dictionary.to_pylist(), dtype=object)[order]
+
+    rows, clusters = codes("cluster")
+    cols, genes = codes("gene")
+    shape = (len(clusters), len(genes))
+    if len(rows) != shape[0] * shape[1]:
+        msg = f"{path}: the table does not have one row per cluster × gene ({len(rows)} rows for {shape})"
+        raise BigcatFormatError(msg)
+    variables: dict[str, Any] = {}
+    n_cells = np.zeros(shape[0], dtype=np.int64)
+    n_cells[rows] = np.asarray(table.column("n_cells"))
+    variables["n_cells"] = (("cluster",), n_cells)
+    for name in table.column_names:
+        if name in ("cluster", "gene", "n_cells"):
+            continue
+        values = np.asarray(table.column(name))
+        # CSV has no types: the derived statistics are float32 (as written), the rest as parsed
+        derived = name in DERIVED or (name.startswith("present_") and not name.startswith("present_counts"))
+        dtype = np.float32 if derived else values.dtype
+        out = np.empty(shape, dtype=dtype)
+        out[rows, cols] = values
+        variables[name] = (("cluster", "gene"), out)
+    attrs = {}
+    if table.schema.metadata and b"bigcat" in table.schema.metadata:
+        attrs = json.loads(table.schema.metadata[b"bigcat"])
+    return xr.Dataset(variables, coords={"cluster": clusters, "gene": genes}, attrs=attrs)
+
+
+#: uncompressed bytes of one chunk of a statistics store's float64 matrices (rows of clusters × all genes)
+STATS_CHUNK_BYTES = 8 << 20
+#: Blosc settings of a statistics store's matrices (with bit shuffle): float32 statistics
+#: barely compress (1.7×) and LZ4 level 1 with bit shuffle encodes them fastest of the
+#: settings measured (BENCHMARKS.md); float64 sums compress 7×
+STATS_CODEC = {"cname": "lz4", "clevel": 1}
+
+
+def _write_stats_zarr(ds: Any, store: Any) -> None:
+    """The Dataset as a Zarr store; its clusters × genes matrices encoded on every core.
+
+    xarray writes the coordinates and every array's metadata (chunks of rows of clusters
+    × all genes, Blosc LZ4 with bit shuffle); the matrices' chunks are
+    then computed (a slab of a lazy statistic at a time, never a float64 temporary of
+    full size), encoded and stored by a thread pool (NumPy, Blosc and file writes release
+    the GIL). xarray handing whole NumPy arrays to zarr encoded them on one thread, with
+    zarr's default Zstandard and small chunks: 17 s for the 4.8 GB of 5,000 clusters.
+    """
+    import dask.array as da
+    from zarr.codecs import BloscCodec
+
+    matrices = [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
+    n_clusters, n_genes = ds.sizes["cluster"], ds.sizes["gene"]
+    rows = int(max(1, min(n_clusters, STATS_CHUNK_BYTES // max(8 * n_genes, 1))))
+    skeleton = ds.copy()
+    encoding = {}
+    for name in matrices:
+        dtype = ds[name].dtype
+        skeleton[name] = (("cluster", "gene"), da.zeros((n_clusters, n_genes), dtype=dtype, chunks=(rows, n_genes)))
+        skeleton[name].attrs = ds[name].attrs
+        encoding[name] = {
+            "chunks": (rows, n_genes),
+            "compressors": [BloscCodec(shuffle="bitshuffle", **STATS_CODEC)],
+        }
+    skeleton.to_zarr(store, mode="w-", consolidated=True, encoding=encoding, compute=False)
+    _store_chunks(ds, store, matrices, rows)
+
+
+def _store_chunks(ds: Any, store: Any, names: list[str], rows: int) -> None:
+    """Every (rows × all genes) chunk of the matrices ``names`` of ``ds``, encoded as the
+    arrays the skeleton declared (``bytes`` little-endian + Blosc) and stored, in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+    from numcodecs import Blosc
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from bigcat.cluster import capacity
+
+    root = zarr.open_group(store, mode="r+")
+    blosc = Blosc(cname=STATS_CODEC["cname"], clevel=STATS_CODEC["clevel"], shuffle=Blosc.BITSHUFFLE)
+    local = Path(store) if isinstance(store, str) else None  # a local store: plain file writes
+    jobs = []
+    for name in names:
+        array = root[name]
+        for i, lo in enumerate(range(0, ds.sizes["cluster"], rows)):
+            key = array.metadata.encode_chunk_key((i, 0))
+            jobs.append((name, lo, f"{array.path}/{key}" if array.path else key, array.dtype))
+    prototype = default_buffer_prototype()
+
+    def write(job: tuple) -> None:
+        name, lo, key, dtype = job
+        values = np.ascontiguousarray(np.asarray(ds[name][lo : lo + rows].values, dtype=dtype))
+        if values.dtype.byteorder == ">":
+            values = values.astype(values.dtype.newbyteorder("<"))
+        if len(values) < rows:  # an edge chunk is encoded padded to the full chunk, as zarr does
+            values = np.concatenate([values, np.zeros((rows - len(values), values.shape[1]), dtype=values.dtype)])
+        encoded = blosc.encode(values)
+        if local is not None:
+            target = local / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(encoded)
+        else:
+            sync(root.store_path.store.set(key, prototype.buffer.from_bytes(encoded)))
+
+    with ThreadPoolExecutor(capacity(None).threads, thread_name_prefix="bigcat-write") as threads:
+        list(threads.map(write, jobs))
+
+
+def _runs(ds: Any) -> list[str]:
+    """The runs a result's cells come from (none recorded by older versions)."""
+    try:
+        return [str(r) for r in json.loads(ds.attrs.get("runs", "[]") or "[]")]
+    except (TypeError, ValueError):
+        return []
+
+
+def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
+    """Rows ``clusters`` of the long table as an Arrow table: cluster and gene names as
+    dictionary columns over ``names`` (no string per row is ever built), the statistics as
+    flat views of their matrices. Building the rows as pandas strings made writing 5,000
+    clusters' table cost 80 s."""
+    import pyarrow as pa
+
+    lo, hi, _ = clusters.indices(ds.sizes["cluster"])
+    n_c, n_g = hi - lo, ds.sizes["gene"]
+    columns = {
+        "cluster": pa.DictionaryArray.from_arrays(np.repeat(np.arange(lo, hi, dtype=np.int32), n_g), names["cluster"]),
+        "gene": pa.DictionaryArray.from_arrays(np.tile(np.arange(n_g, dtype=np.int32), n_c), names["gene"]),
+        "n_cells": np.repeat(np.asarray(ds["n_cells"].values[lo:hi]), n_g),
+    }
+    for name, var in ds.data_vars.items():
+        if var.dims == ("cluster", "gene"):
+            columns[name] = np.ascontiguousarray(np.asarray(var[lo:hi].values)).reshape(-1)
+    return pa.table(columns)
+
+
+def write_stats(
+    ds: Any,
+    path: str | os.PathLike,
+    *,
+    wide: bool = False,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> list[Path | str]:
+    """Write a statistics Dataset, atomically, in the format its extension names.
+
+    Parameters
+    ----------
+    ds
+        A result of :func:`cluster_stats` or :func:`merge_stats`.
+    path
+        ``.zarr`` (the Dataset), ``.parquet``/``.csv`` (long form: one row per cluster ×
+        gene with a column per statistic and ``n_cells``, like R's ``cl.stats`` table),
+        ``.h5ad`` (clusters as obs with ``n_cells``, genes as var, each statistic a layer,
+        like ``scanpy.get.aggregate``).
+    wide
+        For ``.parquet``/``.csv``: one genes × clusters table per statistic instead, written
+        to ``NAME.<statistic>.parquet`` (what ``get_cl_stats_parquet`` users get).
+    overwrite
+        Replace existing outputs.
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+    """
+    from bigcat import fs
+    from bigcat.store import publish
+
+    url = fs.is_url(path)
+    path = str(path) if url else fs.local(path)
+    suffix = fs.suffix_of(path)
+    try:
+        sources = json.loads(ds.attrs.get("source", "[]"))
+    except (TypeError, ValueError):
+        sources = []
+    from bigcat.store import refuse_input_as_output
+
+    refuse_input_as_output(path, [s for s in sources if isinstance(s, str)])
+
+    def atomic_path(target: Any, *, overwrite: bool) -> Any:
+        kind = "zarr" if fs.suffix_of(target) == ".zarr" else "file"
+        return publish(target, overwrite=overwrite, storage_options=storage_options, kind=kind)
+
+    if suffix not in (".zarr", ".parquet", ".csv", ".h5ad"):
+        msg = f"{path}: unknown output type {suffix or '(none)'!r}; use .zarr, .parquet, .csv or .h5ad"
+        raise BigcatInputError(msg)
+    if wide and suffix not in (".parquet", ".csv"):
+        msg = f"{path}: --wide (wide=True) is for .parquet and .csv tables; a {suffix} output is always whole"
+        raise BigcatInputError(msg)
+    matrices = [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
+    if suffix == ".zarr":
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            out = ds.copy()
+            for name in ("cluster", "gene"):
+                if out[name].dtype == object:
+                    out = out.assign_coords({name: out[name].values.astype(str)})
+            out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
+            store = fs.zarr_store(tmp, storage_options, read_only=False)
+            import zarr
+            from zarr.errors import UnstableSpecificationWarning
+
+            with warnings.catch_warnings():
+                # zarr's notes on consolidated metadata and on the names' fixed-length strings
+                # (read back by zarr-python and xarray): once here, not a page per array
+                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+                warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
+                _write_stats_zarr(out, store)
+                root = zarr.open_group(store, mode="r+")
+                root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
+                zarr.consolidate_metadata(store)
+        return [path]
+    if suffix == ".h5ad":
+        import anndata as ad
+
+        obs = pd.DataFrame({"n_cells": ds["n_cells"].values}, index=pd.Index(ds["cluster"].values.astype(str)))
+        var = pd.DataFrame(index=pd.Index(ds["gene"].values.astype(str)))
+        layers = {name: np.asarray(ds[name].values) for name in matrices}
+        uns = {"bigcat_stats": {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}}
+        adata = ad.AnnData(obs=obs, var=var, layers=layers, uns=uns)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            adata.write_h5ad(tmp)
+            if not url:  # the mark of a file bigcat wrote (--overwrite replaces only those)
+                import h5py
+
+                with h5py.File(tmp, "a") as f:
+                    f.attrs["bigcat"] = json.dumps({"layout": "stats", "complete": True})
+        return [path]
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    def open_writer(target: Path, schema: pa.Schema) -> Any:
+        return pq.ParquetWriter(target, schema) if suffix == ".parquet" else pacsv.CSVWriter(target, schema)
+
+    written = []
+    if wide:
+        for name in matrices:
+            stem = str(path)[: -len(suffix)] if suffix else str(path)
+            final = f"{stem}.{name}{suffix}" if url else Path(f"{stem}.{name}{suffix}")
+            values = np.asarray(ds[name].values)
+            columns = {"gene": pa.array(ds["gene"].values.astype(str))}
+            for i, label in enumerate(ds["cluster"].values):
+                columns[str(label)] = pa.array(values[i])
+            table = pa.table(columns)
+            if suffix == ".parquet":  # the mark of a file bigcat wrote (--overwrite replaces only those)
+                table = table.replace_schema_metadata({b"bigcat": json.dumps({"statistic": name}).encode()})
+            with atomic_path(final, overwrite=overwrite) as tmp:
+                writer = open_writer(tmp, table.schema)
+                writer.write_table(table)
+                writer.close()
+            written.append(final)
+        return written
+    attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))})
+    step = max(1, (1 << 22) // max(ds.sizes["gene"], 1))
+    names = {axis: pa.array(np.asarray(ds[axis].values).astype(str)) for axis in ("cluster", "gene")}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        writer = None
+        for lo in [*range(0, ds.sizes["cluster"], step)] or [0]:
+            table = _long_arrow(ds, slice(lo, lo + step), names)
+            if writer is None:
+                if suffix == ".parquet":  # strings as before for readers (no Arrow schema: no categoricals)
+                    # dictionary pages and min/max statistics only where they help (the names):
+                    # on the float columns they cost half the writing time and buy nothing
+                    writer = pq.ParquetWriter(
+                        tmp, table.schema, store_schema=False, use_dictionary=["cluster", "gene"],
+                        write_statistics=["cluster", "gene", "n_cells"],
+                    )  # fmt: skip
+                else:
+                    writer = open_writer(tmp, table.schema)
+            writer.write_table(table)
+        if suffix == ".parquet":  # the attributes travel in the file's metadata (CSV has nowhere to keep them)
+            writer.add_key_value_metadata({"bigcat": attrs_json})
+        writer.close()
+    return [path]

@@ -1,0 +1,143 @@
+"""What a statistic is: the accumulators it needs, their dtypes, and the settings of a pass."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bigcat.errors import BigcatInputError
+
+if TYPE_CHECKING:
+    pass
+
+
+#: every statistic :func:`cluster_stats` computes, named as R's scrattch tools name them
+STATISTICS = ("sums", "means", "present", "sqr_sums", "sqr_means", "vars", "nnz")
+DEFAULT_STATS = ("means", "present", "sqr_means")
+ENGINES = ("blocks", "groupby")
+NORMALIZATIONS = (None, "log2cpm")
+PRESENT_OPS = ("gt", "ge")
+#: the additive accumulators each statistic is derived from (kept in results for merging)
+NEEDS = {
+    "sums": ("sums",),
+    "means": ("sums",),
+    "present": ("present_counts",),
+    "sqr_sums": ("sqr_sums",),
+    "sqr_means": ("sqr_sums",),
+    "vars": ("sums", "sqr_sums"),
+    "nnz": ("nnz",),
+}
+ACCUMULATORS = ("sums", "sqr_sums", "present_counts", "nnz")
+#: the accumulator of the ``present_at`` tests inside a pass (split into
+#: ``present_counts_<test>`` variables in results)
+EXTRA = "present_extra"
+#: the float32 statistics derived from the accumulators (the others are accumulators themselves)
+DERIVED = ("means", "present", "sqr_means", "vars")
+#: float accumulators; the counts (``present_counts``, ``nnz``) take :func:`count_dtype`
+FLOAT_ACCUMULATORS = ("sums", "sqr_sums")
+
+
+def _acc_dtype(accumulator: str, counts: Any) -> np.dtype:
+    """float64 for sums, else the count dtype ``counts``."""
+    return np.dtype(np.float64 if accumulator in FLOAT_ACCUMULATORS else counts)
+
+
+def _zero_passes(threshold: float, op_ge: bool) -> bool:
+    """Whether an implicit zero passes a presence test (then failures are counted instead)."""
+    return (threshold <= 0.0) if op_ge else (threshold < 0.0)
+
+
+def present_test_name(spec: str) -> tuple[str, float, bool]:
+    """``"ge1"``, ``"gt0"``, ``"ge0.5"`` → (canonical name, threshold, op is ``>=``).
+
+    The names of :func:`cluster_stats`'s ``present_at`` tests (cell_type_mapper's
+    ``gt0``/``gt1``/``ge1``): the statistic is ``present_<name>``, its counts
+    ``present_counts_<name>``.
+    """
+    match = re.fullmatch(r"(gt|ge)(-?\d+(?:\.\d+)?(?:e-?\d+)?)", str(spec).strip())
+    if match is None:
+        msg = f"unknown presence test {spec!r}: use gt<threshold> or ge<threshold>, e.g. gt0, gt1, ge1"
+        raise BigcatInputError(msg)
+    threshold = float(match.group(2))
+    return f"{match.group(1)}{threshold:g}", threshold, match.group(1) == "ge"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every kernel call needs besides the block (an opaque literal in the task graph)."""
+
+    accumulators: tuple[str, ...]
+    threshold: float
+    op_ge: bool
+    normalize: bool
+    counts: str = "int32"  # dtype of the count accumulators (see :func:`count_dtype`)
+    #: further presence tests counted in the same pass: (name, threshold, op is ``>=``)
+    extra: tuple[tuple[str, float, bool], ...] = ()
+
+    def dtype(self, accumulator: str) -> np.dtype:
+        """The dtype of one accumulator."""
+        return _acc_dtype(accumulator, self.counts)
+
+    def shape(self, accumulator: str, n_clusters: int, n_genes: int) -> tuple[int, ...]:
+        """One accumulator's shape: clusters × genes, or clusters × tests × genes for the
+        extra presence counts (so a cluster's counts for every test lie together)."""
+        if accumulator == EXTRA:
+            return (n_clusters, len(self.extra), n_genes)
+        return (n_clusters, n_genes)
+
+    @property
+    def count_fails(self) -> bool:
+        """An implicit zero passes the present test: count stored values failing it instead."""
+        return _zero_passes(self.threshold, self.op_ge)
+
+    @property
+    def tests(self) -> np.ndarray:
+        """The extra tests as the kernels take them: rows of (threshold, >=, count failures)."""
+        rows = [(t, float(ge), float(_zero_passes(t, ge))) for _, t, ge in self.extra]
+        return np.array(rows, dtype=np.float64).reshape(len(rows), 3)
+
+
+def count_dtype(max_cells: int) -> np.dtype:
+    """The dtype of the count accumulators for clusters of at most ``max_cells`` cells.
+
+    ``uint16`` when every count fits (clusters of up to 65,535 cells, as in every atlas
+    with thousands of clusters), else ``int32``: at 5,000 clusters × 32,285 genes the two
+    count arrays are then 0.32 GB each instead of 0.65 GB — less memory, and less memory
+    traffic for the kernel, whose scattered updates are bound by it.
+    """
+    return np.dtype(np.uint16) if max_cells <= np.iinfo(np.uint16).max else np.dtype(np.int32)
+
+
+def _accumulator_bytes(n_clusters: int, n_genes: int, settings: _Settings) -> int:
+    """Memory of one full set of accumulators (clusters × genes)."""
+    return sum(
+        int(np.prod(settings.shape(a, n_clusters, n_genes))) * settings.dtype(a).itemsize for a in settings.accumulators
+    )
+
+
+def _check_present_at(specs: str | Iterable[str]) -> tuple[tuple[str, float, bool], ...]:
+    if isinstance(specs, str):
+        specs = [t for t in specs.split(",") if t.strip()]
+    tests = [present_test_name(t) for t in specs]
+    return tuple({name: (name, t, ge) for name, t, ge in tests}.values())
+
+
+def extra_present_names(ds_or_attrs: Any) -> list[str]:
+    """The ``present_at`` tests recorded in a result (or its attrs)."""
+    attrs = getattr(ds_or_attrs, "attrs", ds_or_attrs)
+    return [t for t in str(attrs.get("present_at", "") or "").split(",") if t]
+
+
+def _check_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(stats, str):
+        stats = [s.strip() for s in stats.split(",") if s.strip()]
+    stats = tuple(dict.fromkeys(stats))
+    unknown = [s for s in stats if s not in STATISTICS]
+    if unknown or not stats:
+        msg = f"unknown statistic(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(STATISTICS)}"
+        raise BigcatInputError(msg)
+    return stats
