@@ -597,25 +597,17 @@ def demo(
     run_demo(folder, n_cells=cells, progress=_progress(quiet))
 
 
-FEWER_CLUSTERS = "fewer clusters per run (label subsets, then bigcat stats --merge)"
-#: what each task-name prefix computes, for messages about a worker that died running it
-STEPS = {
-    "bigcat-fold": ("cluster statistics (folding a block into an accumulator)", "a smaller --block-values"),
-    "bigcat-init": ("cluster statistics (allocating the accumulators)", FEWER_CLUSTERS),
-    "bigcat-add": ("cluster statistics (adding partial results)", FEWER_CLUSTERS),
-    "bigcat-final": ("cluster statistics (finishing the result)", FEWER_CLUSTERS),
-    "bigcat-read": ("cluster statistics (reading a block)", "a smaller --block-values"),
-    "bigcat-copy": ("convert (copying a shard of values)", "a smaller --shard-values"),
-    "_read_subset": ("sample (reading and subsetting a block of rows)", "a smaller fraction of genes per run"),
-}
-
-
 def killed_worker_message(error: BaseException) -> str:
     """One line for a Dask ``KilledWorker``: which step died, and what to change."""
+    from bigcat.sample import STEPS as SAMPLE_STEPS
+    from bigcat.stats.blocks import STEPS as STATS_STEPS
+    from bigcat.store import STEPS as COPY_STEPS
+
     task = error.args[0] if error.args else "?"
     name = task[0] if isinstance(task, tuple) else str(task)
+    steps = {**STATS_STEPS, **COPY_STEPS, **SAMPLE_STEPS}
     step, smaller = next(
-        ((s, m) for prefix, (s, m) in STEPS.items() if name.startswith(prefix)), (f"task {name}", "smaller blocks")
+        ((s, m) for prefix, (s, m) in steps.items() if name.startswith(prefix)), (f"task {name}", "smaller blocks")
     )
     return (
         f"a Dask worker died while computing {step}, probably out of memory (task {name}); give each worker "

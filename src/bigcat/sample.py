@@ -23,6 +23,9 @@ __all__ = ["choose_cells", "choose_genes", "sample"]
 
 log = logging.getLogger("bigcat")
 
+#: what a sampling task computes, and what to change when a worker dies running one (bigcat.cli)
+STEPS = {"_read_subset": ("sample (reading and subsetting a block of rows)", "a smaller fraction of genes per run")}
+
 
 def _check_fraction(name: str, value: float) -> float:
     if not 0 < value <= 1:

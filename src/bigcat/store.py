@@ -73,6 +73,11 @@ __all__ = [
 
 log = logging.getLogger("bigcat")
 
+#: the task-key prefix of the parallel copy, and what to change when a worker dies running
+#: one (bigcat.cli)
+COPY_TASK = "bigcat-copy"
+STEPS = {COPY_TASK: ("convert (copying a shard of values)", "a smaller --shard-values")}
+
 LAYOUTS = ("sparse", "dense")
 FORMAT_VERSION = 1
 MARKER_KEY = "bigcat"
@@ -1167,7 +1172,7 @@ class SparseZarrWriter(MatrixWriter):
                 hi,
                 row_starts(lo, hi),
                 pure=False,
-                key=f"bigcat-copy-{os.getpid()}-{id(self)}-{lo}",
+                key=f"{COPY_TASK}-{os.getpid()}-{id(self)}-{lo}",
             )
             for lo, hi in ranges
         ]
