@@ -34,6 +34,7 @@ from bigcat.stats.statistics import (
     _Settings,
     count_dtype,
     extra_present_names,
+    statistic,
 )
 from bigcat.util import PageArena
 
@@ -337,7 +338,7 @@ def _derive(
         return {}
     derived: dict = {}
     for name in stats:
-        if name in DERIVED or name.startswith("present_"):
+        if statistic(name).finalize is not None:
             array = DerivedArray(name, acc, n_cells)
             out = spare.take(array.shape, np.float32) if spare is not None else None
             derived[name] = array.compute(out) if out is not None else indexing.LazilyIndexedArray(array)

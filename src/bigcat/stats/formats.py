@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
-from bigcat.stats.statistics import DERIVED
+from bigcat.stats.statistics import DERIVED, statistic
 
 if TYPE_CHECKING:
     pass
@@ -151,7 +151,7 @@ def _read_stats_table(path: str, storage_options: dict | None) -> Any:
             continue
         values = np.asarray(table.column(name))
         # CSV has no types: the derived statistics are float32 (as written), the rest as parsed
-        derived = name in DERIVED or (name.startswith("present_") and not name.startswith("present_counts"))
+        derived = name in DERIVED or _is_test_fraction(name)
         dtype = np.float32 if derived else values.dtype
         out = np.empty(shape, dtype=dtype)
         out[rows, cols] = values
@@ -411,3 +411,11 @@ def write_stats(
             writer.add_key_value_metadata({"bigcat": attrs_json})
         writer.close()
     return [path]
+
+
+def _is_test_fraction(name: str) -> bool:
+    """``present_<test>``: the fraction of a ``present_at`` test (a derived statistic)."""
+    try:
+        return statistic(name).finalize is not None
+    except KeyError:
+        return False

@@ -8,7 +8,7 @@ import numpy as np
 
 from bigcat.stats.blocks import _check_counts
 from bigcat.stats.inputs import _Part
-from bigcat.stats.statistics import _Settings
+from bigcat.stats.statistics import ACCUMULATOR_TABLE, EXTRA, _Settings, passes
 
 if TYPE_CHECKING:
     pass
@@ -57,18 +57,11 @@ def _groupby(
     values = xr.DataArray(x, dims=("cell", "gene"))
     group = xr.DataArray(np.where(codes >= 0, codes, np.nan), dims="cell", name="cluster_code")
     lazy = {}
-    if "sums" in settings.accumulators:
-        lazy["sums"] = values.groupby(group).sum()
-    if "sqr_sums" in settings.accumulators:
-        lazy["sqr_sums"] = (values * values).groupby(group).sum()
-    if "present_counts" in settings.accumulators:
-        passes = values >= settings.threshold if settings.op_ge else values > settings.threshold
-        lazy["present_counts"] = passes.groupby(group).sum()
-    if "nnz" in settings.accumulators:
-        lazy["nnz"] = (values != 0).groupby(group).sum()
+    for name in settings.accumulators:
+        if name != EXTRA:
+            lazy[name] = ACCUMULATOR_TABLE[name].term(values, settings).groupby(group).sum()
     for name, test_threshold, test_ge in settings.extra:
-        passes = values >= test_threshold if test_ge else values > test_threshold
-        lazy[f"present_counts_{name}"] = passes.groupby(group).sum()
+        lazy[f"present_counts_{name}"] = passes(values, test_threshold, test_ge).groupby(group).sum()
     computed = dict(zip(lazy, _compute_with_progress(list(lazy.values()), client, progress), strict=True))
     acc = {}
     for name, result in computed.items():

@@ -9,6 +9,8 @@ import numpy as np
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from bigcat.stats.statistics import statistic
+
 __all__ = ["DerivedArray"]
 
 #: outputs larger than this (elements) are computed on several threads
@@ -77,14 +79,6 @@ class DerivedArray(BackendArray):
         return out.squeeze(axis=squeeze) if squeeze else out
 
     def _compute(self, rows: slice | np.ndarray, cols: slice) -> np.ndarray:
-        n = self.n[rows, None]
+        stat = statistic(self.name)
         with np.errstate(invalid="ignore", divide="ignore"):
-            if self.name == "means":
-                return self.acc["sums"][rows, cols] / n
-            if self.name == "sqr_means":
-                return self.acc["sqr_sums"][rows, cols] / n
-            if self.name == "present" or self.name.startswith("present_"):  # present_ge1: present_counts_ge1
-                return self.acc["present_counts" + self.name[len("present") :]][rows, cols] / n
-            # population variance, from float64 accumulators
-            mean = self.acc["sums"][rows, cols] / n
-            return np.maximum(self.acc["sqr_sums"][rows, cols] / n - mean * mean, 0.0)
+            return stat.finalize({name: self.acc[name][rows, cols] for name in stat.needs}, self.n[rows, None])

@@ -3,42 +3,108 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from bigcat.errors import BigcatInputError
 
-if TYPE_CHECKING:
-    pass
-
-
-#: every statistic :func:`cluster_stats` computes, named as R's scrattch tools name them
-STATISTICS = ("sums", "means", "present", "sqr_sums", "sqr_means", "vars", "nnz")
 DEFAULT_STATS = ("means", "present", "sqr_means")
 ENGINES = ("blocks", "groupby")
 NORMALIZATIONS = (None, "log2cpm")
 PRESENT_OPS = ("gt", "ge")
-#: the additive accumulators each statistic is derived from (kept in results for merging)
-NEEDS = {
-    "sums": ("sums",),
-    "means": ("sums",),
-    "present": ("present_counts",),
-    "sqr_sums": ("sqr_sums",),
-    "sqr_means": ("sqr_sums",),
-    "vars": ("sums", "sqr_sums"),
-    "nnz": ("nnz",),
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """An additive cluster × gene sum over cells, what a pass accumulates (and results keep,
+    so that results over disjoint cells merge exactly).
+
+    ``term(x, settings)`` is the per-cell value summed, for the ``groupby`` engine (the
+    ``blocks`` engine's compiled kernel computes every accumulator in one fused pass).
+    """
+
+    name: str
+    count: bool  # an integer count (its dtype: count_dtype) rather than a float64 sum
+    term: Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic: the accumulators it needs and how it is finished from them, as flox's
+    ``Aggregation`` (chunk → combine → finalize) but over one fused pass.
+
+    ``finalize(acc, n)`` takes the needed accumulators (slices of them) and the clusters'
+    cell counts as a column; ``None``: the statistic is its accumulator.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    finalize: Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray] | None = None
+
+
+def passes(x: Any, threshold: float, op_ge: bool) -> Any:
+    """The presence test: ``x >= threshold`` or ``x > threshold``."""
+    return x >= threshold if op_ge else x > threshold
+
+
+def _mean(accumulator: str) -> Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray]:
+    return lambda acc, n: acc[accumulator] / n
+
+
+def _variance(acc: Mapping[str, np.ndarray], n: np.ndarray) -> np.ndarray:
+    """Population variance from float64 accumulators (rounding below zero clipped)."""
+    mean = acc["sums"] / n
+    return np.maximum(acc["sqr_sums"] / n - mean * mean, 0.0)
+
+
+#: the accumulators, in the order results hold them
+ACCUMULATOR_TABLE = {
+    a.name: a
+    for a in (
+        Accumulator("sums", count=False, term=lambda x, _settings: x),
+        Accumulator("sqr_sums", count=False, term=lambda x, _settings: x * x),
+        Accumulator("present_counts", count=True, term=lambda x, s: passes(x, s.threshold, s.op_ge)),
+        Accumulator("nnz", count=True, term=lambda x, _settings: x != 0),
+    )
 }
-ACCUMULATORS = ("sums", "sqr_sums", "present_counts", "nnz")
+#: every statistic :func:`cluster_stats` computes, named as R's scrattch tools name them
+STATISTIC_TABLE = {
+    s.name: s
+    for s in (
+        Statistic("sums", ("sums",)),
+        Statistic("means", ("sums",), _mean("sums")),
+        Statistic("present", ("present_counts",), _mean("present_counts")),
+        Statistic("sqr_sums", ("sqr_sums",)),
+        Statistic("sqr_means", ("sqr_sums",), _mean("sqr_sums")),
+        Statistic("vars", ("sums", "sqr_sums"), _variance),
+        Statistic("nnz", ("nnz",)),
+    )
+}
+STATISTICS = tuple(STATISTIC_TABLE)
+ACCUMULATORS = tuple(ACCUMULATOR_TABLE)
+#: the additive accumulators each statistic is derived from
+NEEDS = {name: s.needs for name, s in STATISTIC_TABLE.items()}
+#: the float32 statistics derived from the accumulators (the others are accumulators themselves)
+DERIVED = tuple(name for name, s in STATISTIC_TABLE.items() if s.finalize is not None)
+#: float accumulators; the counts take :func:`count_dtype`
+FLOAT_ACCUMULATORS = tuple(name for name, a in ACCUMULATOR_TABLE.items() if not a.count)
 #: the accumulator of the ``present_at`` tests inside a pass (split into
 #: ``present_counts_<test>`` variables in results)
 EXTRA = "present_extra"
-#: the float32 statistics derived from the accumulators (the others are accumulators themselves)
-DERIVED = ("means", "present", "sqr_means", "vars")
-#: float accumulators; the counts (``present_counts``, ``nnz``) take :func:`count_dtype`
-FLOAT_ACCUMULATORS = ("sums", "sqr_sums")
+
+
+def statistic(name: str) -> Statistic:
+    """The statistic ``name``: one of :data:`STATISTICS`, or ``present_<test>`` (the fraction
+    of a ``present_at`` test, from ``present_counts_<test>``)."""
+    if name in STATISTIC_TABLE:
+        return STATISTIC_TABLE[name]
+    if name.startswith("present_") and not name.startswith("present_counts"):
+        counts = "present_counts" + name[len("present") :]
+        return Statistic(name, (counts,), _mean(counts))
+    raise KeyError(name)
 
 
 def _acc_dtype(accumulator: str, counts: Any) -> np.dtype:
