@@ -118,15 +118,11 @@ def cluster_stats(
     block_nnz
         Stored values per row block (task). Memory per block in flight ≈ 9 bytes × this.
         ``None``: 8 million, or, when the accumulators exceed 512 MB (about 800 clusters of
-        32,000 genes), their size in bytes / 24 (at least 32 million, at most 2²⁷): the
-        kernel visits a block's rows grouped by cluster, and each block's visit sweeps most
-        of the accumulators' memory, so with thousands of clusters fewer, larger blocks
-        mean fewer sweeps (measured at 5,000 clusters, user CPU time of the pass, reading
-        included: 32M-value blocks 7.3 s, 64M 6.1–6.6 s, 128M 5.4–5.7 s). The two blocks
-        in flight then take about 3/4 of the accumulators' memory — about the size of the
-        float32 statistics, which are then built in the very memory the blocks were read
-        into (one mapping: :class:`bigcat.util.PageArena`). At 50 clusters 8 million is
-        fastest.
+        32,000 genes), their size in bytes / 24 (at least 32 million, at most 2²⁷): each
+        block's visit sweeps most of the accumulators' memory, so with thousands of
+        clusters fewer, larger blocks mean fewer sweeps; the two blocks in flight then take
+        about the memory the float32 statistics are built in afterwards
+        (``docs/design.md``, "The decomposition").
     progress
         Show a progress bar (``None``: only on a terminal).
     storage_options
@@ -154,6 +150,17 @@ def cluster_stats(
     ------
     BigcatInputError
         Unknown statistic, engine, column, cell or gene; inputs with different genes.
+
+    Notes
+    -----
+    Cost: one pass over the stored values (nothing is densified): O(nnz) time for the
+    compiled kernel, independent of the number of clusters but for the accumulators'
+    memory traffic; memory: one set of accumulators (clusters × genes × 8 bytes per float
+    accumulator, 2 or 4 per count) plus about two row blocks per thread in flight
+    (``block_nnz`` × ~9 bytes each); the float32 statistics are computed when read. On a
+    cluster the accumulators are split so that each piece fits a quarter of a worker's
+    memory (``docs/design.md``, "The decomposition"). The ``groupby`` engine densifies
+    blocks: O(cells × genes) time, for checking.
 
     Examples
     --------
@@ -303,9 +310,8 @@ def cluster_stats(
 
 
 def _count_nonfinite(values: np.ndarray, slab: int = 1 << 18) -> int:
-    """Entries of ``values`` that are NaN or ±inf, counted slab by slab: at 5,000 clusters
-    the whole-array ``~np.isfinite`` made two 161 MB temporaries of fresh memory
-    (0.13–0.5 s against 0.08 s)."""
+    """Entries of ``values`` that are NaN or ±inf, counted slab by slab (a whole-array
+    ``~np.isfinite`` makes two temporaries of its size in fresh memory)."""
     flat = values.reshape(-1)
     finite = sum(int(np.count_nonzero(np.isfinite(flat[i : i + slab]))) for i in range(0, flat.size, slab))
     return flat.size - finite
@@ -327,8 +333,8 @@ def _derive(
     which computes only that slice); the result of :func:`cluster_stats` then costs only
     its accumulators' memory. With ``spare`` memory (the blocks engine's read buffers,
     free once the pass is over) they are computed now into pieces of it: those pages are
-    already touched, whereas the statistics' own fresh memory cost 0.4–2 s more at 5,000
-    clusters on this machine.
+    already touched, and first-touching fresh memory is costly on virtual machines
+    (``docs/design.md``).
     """
     from xarray.core import indexing
 

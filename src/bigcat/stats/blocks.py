@@ -81,8 +81,8 @@ LOOKAHEAD = 2
 def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """A zero-filled accumulator on :func:`bigcat.util.small_pages`, touched now, in order.
 
-    Left to be first touched where the kernel accumulates (scattered, on two threads at
-    once), the 5,000-cluster pass spent 14–17 s of system time instead of 4–5 s.
+    Left to be first touched where the kernel accumulates (scattered, on several threads at
+    once), the pages cost several times the system time (``docs/design.md``).
     """
     out = small_pages(shape, dtype)
     if not prefault(out):

@@ -30,8 +30,8 @@ class DerivedArray(BackendArray):
     backends): a slice of the statistic computes only that slice, and ``.load()`` or
     ``.values`` compute the whole statistic once, in slabs of clusters (no float64
     temporary of full size), straight into its float32 output. (A one-chunk Dask array
-    did the same but Dask copies a single-chunk result when it is computed: at 5,000
-    clusters that was 0.65 GB more peak memory and a second pass per statistic.)
+    would do the same, but Dask copies a single-chunk result when it is computed: more
+    peak memory and a second pass per statistic.)
     """
 
     def __init__(self, name: str, acc: dict[str, np.ndarray], n_cells: np.ndarray) -> None:

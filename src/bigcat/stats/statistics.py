@@ -171,8 +171,7 @@ def count_dtype(max_cells: int) -> np.dtype:
     """The dtype of the count accumulators for clusters of at most ``max_cells`` cells.
 
     ``uint16`` when every count fits (clusters of up to 65,535 cells, as in every atlas
-    with thousands of clusters), else ``int32``: at 5,000 clusters × 32,285 genes the two
-    count arrays are then 0.32 GB each instead of 0.65 GB — less memory, and less memory
+    with thousands of clusters), else ``int32``: half the memory, and half the memory
     traffic for the kernel, whose scattered updates are bound by it.
     """
     return np.dtype(np.uint16) if max_cells <= np.iinfo(np.uint16).max else np.dtype(np.int32)
