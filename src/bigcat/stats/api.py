@@ -7,7 +7,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,8 +16,8 @@ from bigcat.errors import BigcatInputError
 from bigcat.stats.blocks import _blocks, _NegativeValuesError, zeros
 from bigcat.stats.formats import _runs, read_stats
 from bigcat.stats.groupby import _groupby
-from bigcat.stats.inputs import _open_parts, _refuse_shared_cells
-from bigcat.stats.labels import _factorize, _read_labels_table, _select, _subsample
+from bigcat.stats.inputs import _open_parts, _Part, _refuse_shared_cells
+from bigcat.stats.labels import Labelled, _select, resolve_codes
 from bigcat.stats.plan import _default_block_nnz, _default_client, _inproc
 from bigcat.stats.statistics import (
     ACCUMULATORS,
@@ -37,9 +37,6 @@ from bigcat.stats.statistics import (
     statistic,
 )
 from bigcat.util import PageArena
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("bigcat")
 
@@ -169,6 +166,56 @@ def cluster_stats(
     """
     stats = _check_stats(stats)
     extra = _check_present_at(present_at)
+    _check_options(engine, normalize, present_op)
+    by_column = by if isinstance(by, str) and labels is None else None
+    parts = _open_parts(data, by_column, storage_options)
+    gene_names = _common_genes(parts, allow_duplicate_cells=allow_duplicate_cells)
+    labelled = resolve_codes(
+        parts, by, labels=labels, label_column=label_column, cell_column=cell_column, cells=cells,
+        max_cells_per_cluster=max_cells_per_cluster, seed=seed, storage_options=storage_options,
+    )  # fmt: skip
+    if _membership is not None:  # for writers that list each cluster's cells (MapMyCells)
+        _membership.update(codes=labelled.codes, clusters=labelled.clusters, parts=parts)
+    gene_index = np.arange(len(gene_names)) if genes is None else _select(genes, gene_names, "gene")
+    settings = _Settings(
+        accumulators=tuple(a for a in ACCUMULATORS if any(a in NEEDS[s] for s in stats)) + ((EXTRA,) if extra else ()),
+        threshold=float(threshold),
+        op_ge=present_op == "ge",
+        normalize=normalize == "log2cpm",
+        counts=count_dtype(int(labelled.n_cells.max())).name,
+        extra=extra,
+    )
+    client = _default_client(client)
+    if block_nnz is None:
+        in_process = client is None or _inproc(client)
+        block_nnz = _default_block_nnz(len(labelled.clusters), len(gene_index), settings, in_process)
+    n_derived = sum(s in DERIVED for s in stats) + len(extra)
+    acc, spare = _accumulate(
+        parts, labelled, len(gene_names), gene_index, settings, engine, client, block_nnz, progress, n_derived
+    )
+    attrs = {
+        **labelled.attrs,
+        "source": json.dumps([p.name for p in parts]),
+        "by": labelled.by,
+        "stats": ",".join(stats),
+        "threshold": float(threshold),
+        "present_op": present_op,
+        "present_at": ",".join(name for name, _, _ in extra),
+        "normalize": normalize or "none",
+        "engine": engine,
+        "max_cells_per_cluster": -1 if max_cells_per_cluster is None else int(max_cells_per_cluster),
+        "seed": int(seed),
+        "n_cells_excluded": int(sum(p.n_cells for p in parts) - labelled.n_cells.sum()),
+        "n_cells_unlabelled": labelled.unlabelled,
+        "runs": json.dumps([uuid.uuid4().hex]),  # provenance: merging a result with itself is refused
+        "bigcat_version": _version(),
+    }
+    _note_nonfinite(acc, parts, attrs)
+    clusters, n_cells = labelled.clusters, labelled.n_cells
+    return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs, spare)
+
+
+def _check_options(engine: str, normalize: str | None, present_op: str) -> None:
     if engine not in ENGINES:
         msg = f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}"
         raise BigcatInputError(msg)
@@ -178,8 +225,11 @@ def cluster_stats(
     if present_op not in PRESENT_OPS:
         msg = f"unknown present_op {present_op!r}; choose gt (x > threshold) or ge (x >= threshold)"
         raise BigcatInputError(msg)
-    by_column = by if isinstance(by, str) and labels is None else None
-    parts = _open_parts(data, by_column, storage_options)
+
+
+def _common_genes(parts: list[_Part], *, allow_duplicate_cells: bool) -> pd.Index:
+    """The genes every input shares (refused otherwise), after checking there is something to
+    compute and, for several inputs, that no cell is in two of them."""
     gene_names = parts[0].gene_names
     for part in parts[1:]:
         if not part.gene_names.equals(gene_names):
@@ -190,123 +240,40 @@ def cluster_stats(
         what = "cells" if n_total == 0 else "genes"
         msg = f"{', '.join(p.name for p in parts)}: X has no {what} ({n_total} × {len(gene_names)}): nothing to compute"
         raise BigcatInputError(msg)
-    attrs: dict[str, Any] = {}
     if len(parts) > 1 and not allow_duplicate_cells:
         _refuse_shared_cells(parts)
+    return gene_names
 
-    # -- labels → global codes --------------------------------------------------------------
-    if labels is not None:
-        table = _read_labels_table(labels, label_column, cell_column, storage_options)
-        names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
-        attrs["labels_unmatched"] = int(len(table) - table.index.isin(names).sum())
-        if attrs["labels_unmatched"]:
-            log.warning("%s: %d labelled cells are not in the data; ignored", labels, attrs["labels_unmatched"])
-        table_codes, clusters = _factorize([table.to_numpy()])
-        positions = pd.Index(table.index).get_indexer(names)
-        codes = np.where(positions >= 0, table_codes[positions], -1).astype(np.int32)
-        by_desc = f"{labels}:{label_column}"
-    elif by_column is not None:
-        codes, clusters = _factorize([p.labels for p in parts])
-        by_desc = by_column
-    else:
-        values = np.asarray(by, dtype=object) if not isinstance(by, pd.Categorical) else by
-        if len(values) != n_total:
-            msg = f"by has {len(values)} labels but the data has {n_total} cells"
-            raise BigcatInputError(msg)
-        codes, clusters = _factorize([values])
-        by_desc = "array"
-    unlabelled = int(np.count_nonzero(codes < 0))
-    if cells is not None:
-        names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
-        keep = np.zeros(n_total, dtype=bool)
-        keep[_select(cells, names, "cell")] = True
-        codes = np.where(keep, codes, -1).astype(np.int32)
-    if max_cells_per_cluster is not None:
-        codes = _subsample(codes, int(max_cells_per_cluster), seed)
-    # keep clusters with at least one cell, in label order
-    n_cells = np.bincount(codes[codes >= 0], minlength=len(clusters))
-    present_clusters = np.flatnonzero(n_cells > 0)
-    remap = np.full(len(clusters) + 1, -1, dtype=np.int32)
-    remap[present_clusters] = np.arange(len(present_clusters), dtype=np.int32)
-    codes = remap[codes]  # -1 indexes the last entry, which is -1
-    clusters = clusters[present_clusters]
-    n_cells = n_cells[present_clusters].astype(np.int64)
-    if len(clusters) == 0:
-        where = ", ".join(p.name for p in parts)
-        if cells is not None:
-            msg = f"{where}: none of the selected cells has a cluster label in {by_desc!r}"
-        else:
-            msg = f"{where}: no cell has a cluster label in {by_desc!r} (all {n_total} are missing)"
-        raise BigcatInputError(msg)
-    if unlabelled:  # one line (after the error for none at all, which says it alone)
-        log.warning(
-            "%s: %d of %d cells have no label in %s and are left out",
-            ", ".join(p.name for p in parts),
-            unlabelled,
-            n_total,
-            by_desc,
-        )
-    offset = 0
-    for part in parts:
-        part.codes = codes[offset : offset + part.n_cells]
-        offset += part.n_cells
-    if _membership is not None:  # for writers that list each cluster's cells (MapMyCells)
-        _membership.update(codes=codes, clusters=clusters, parts=parts)
 
-    gene_index = np.arange(len(gene_names)) if genes is None else _select(genes, gene_names, "gene")
-    settings = _Settings(
-        accumulators=tuple(a for a in ACCUMULATORS if any(a in NEEDS[s] for s in stats)) + ((EXTRA,) if extra else ()),
-        threshold=float(threshold),
-        op_ge=present_op == "ge",
-        normalize=normalize == "log2cpm",
-        counts=count_dtype(int(n_cells.max())).name,
-        extra=extra,
-    )
-    client = _default_client(client)
-    spare = None
-    if block_nnz is None:
-        in_process = client is None or _inproc(client)
-        block_nnz = _default_block_nnz(len(clusters), len(gene_index), settings, in_process)
+def _accumulate(
+    parts: list[_Part], labelled: Labelled, n_genes_total: int, gene_index: np.ndarray, settings: _Settings,
+    engine: str, client: Any, block_nnz: int, progress: bool | None, n_derived: int,
+) -> tuple[dict, PageArena | None]:  # fmt: skip
+    """The pass: the accumulators (and memory to spare for the statistics) from either engine."""
+    n_clusters = len(labelled.clusters)
     try:
         if engine == "blocks":
-            n_derived = sum(s in DERIVED for s in stats) + len(extra)
-            acc, spare = _blocks(
-                parts, len(clusters), len(gene_names), gene_index, settings, client, block_nnz, progress, n_derived
-            )
-        else:
-            acc = _groupby(parts, len(clusters), gene_index, settings, client, progress)
+            return _blocks(parts, n_clusters, n_genes_total, gene_index, settings, client, block_nnz, progress,
+                           n_derived)  # fmt: skip
+        return _groupby(parts, n_clusters, gene_index, settings, client, progress), None
     except _NegativeValuesError as error:
         msg = f"{', '.join(p.name for p in parts)}: {error}"
         raise BigcatInputError(msg) from None
-    attrs.update(
-        {
-            "source": json.dumps([p.name for p in parts]),
-            "by": by_desc,
-            "stats": ",".join(stats),
-            "threshold": float(threshold),
-            "present_op": present_op,
-            "present_at": ",".join(name for name, _, _ in extra),
-            "normalize": normalize or "none",
-            "engine": engine,
-            "max_cells_per_cluster": -1 if max_cells_per_cluster is None else int(max_cells_per_cluster),
-            "seed": int(seed),
-            "n_cells_excluded": int(n_total - n_cells.sum()),
-            "n_cells_unlabelled": unlabelled,
-            "runs": json.dumps([uuid.uuid4().hex]),  # provenance: merging a result with itself is refused
-            "bigcat_version": _version(),
-        }
-    )
-    if "sums" in acc:
-        bad = _count_nonfinite(acc["sums"])
-        if bad:
-            attrs["non_finite_entries"] = bad
-            log.warning(
-                "%s: X holds non-finite values (NaN or ±inf): %d cluster × gene sums are not finite "
-                "(IEEE rules: NaN propagates, inf − inf is NaN)",
-                ", ".join(p.name for p in parts),
-                bad,
-            )
-    return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs, spare)
+
+
+def _note_nonfinite(acc: dict, parts: list[_Part], attrs: dict) -> None:
+    """Count the cluster × gene sums that are not finite (kept, IEEE rules), in one line."""
+    if "sums" not in acc:
+        return
+    bad = _count_nonfinite(acc["sums"])
+    if bad:
+        attrs["non_finite_entries"] = bad
+        log.warning(
+            "%s: X holds non-finite values (NaN or ±inf): %d cluster × gene sums are not finite "
+            "(IEEE rules: NaN propagates, inf − inf is NaN)",
+            ", ".join(p.name for p in parts),
+            bad,
+        )
 
 
 def _count_nonfinite(values: np.ndarray, slab: int = 1 << 18) -> int:

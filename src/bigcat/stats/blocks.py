@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -51,9 +51,6 @@ from bigcat.util import (
     release_free_memory,
     small_pages,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("bigcat")
 

@@ -6,16 +6,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.stats.statistics import DERIVED, statistic
-
-if TYPE_CHECKING:
-    pass
 
 
 def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> Any:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from bigcat.stats.blocks import _check_counts
 from bigcat.stats.inputs import _Part
 from bigcat.stats.statistics import ACCUMULATOR_TABLE, EXTRA, _Settings, passes
-
-if TYPE_CHECKING:
-    pass
 
 
 def _checked_counts(chunk: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,9 +15,6 @@ from bigcat.readers import (
     MatrixSource,
     open_source,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass

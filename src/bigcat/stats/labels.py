@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
+from bigcat.stats.inputs import _Part
 
-if TYPE_CHECKING:
-    pass
+log = logging.getLogger("bigcat")
 
 
 def _read_labels_table(
@@ -103,3 +105,85 @@ def _subsample(codes: np.ndarray, n_max: int, seed: int) -> np.ndarray:
     keep = order[rank < n_max]
     out[keep] = codes[keep]
     return out
+
+
+@dataclass
+class Labelled:
+    """Every input cell's cluster, as :func:`resolve_codes` finds it."""
+
+    codes: np.ndarray  # int32 per cell over all inputs, -1 = left out
+    clusters: pd.Index  # the clusters with at least one cell, in label order
+    n_cells: np.ndarray  # int64 per cluster
+    by: str  # what the labels came from (recorded in the result)
+    unlabelled: int  # cells without a label
+    attrs: dict = field(default_factory=dict)  # labels_unmatched, for a labels table
+
+
+def resolve_codes(
+    parts: list[_Part],
+    by: Any,
+    *,
+    labels: str | os.PathLike | None = None,
+    label_column: str | None = None,
+    cell_column: str | None = None,
+    cells: Any = None,
+    max_cells_per_cluster: int | None = None,
+    seed: int = 0,
+    storage_options: dict | None = None,
+) -> Labelled:
+    """Each cell's cluster code, from a labels table, an obs column or an array of labels;
+    the ``cells`` selection and per-cluster subsampling applied; clusters without a cell
+    dropped. Sets each part's ``codes``; warns once about unlabelled cells and table rows
+    for cells not in the data; refuses when no cell is left."""
+    n_total = sum(p.n_cells for p in parts)
+    attrs: dict[str, Any] = {}
+    if labels is not None:
+        table = _read_labels_table(labels, label_column, cell_column, storage_options)
+        names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
+        attrs["labels_unmatched"] = int(len(table) - table.index.isin(names).sum())
+        if attrs["labels_unmatched"]:
+            log.warning("%s: %d labelled cells are not in the data; ignored", labels, attrs["labels_unmatched"])
+        table_codes, clusters = _factorize([table.to_numpy()])
+        positions = pd.Index(table.index).get_indexer(names)
+        codes = np.where(positions >= 0, table_codes[positions], -1).astype(np.int32)
+        by_desc = f"{labels}:{label_column}"
+    elif isinstance(by, str):
+        codes, clusters = _factorize([p.labels for p in parts])
+        by_desc = by
+    else:
+        values = np.asarray(by, dtype=object) if not isinstance(by, pd.Categorical) else by
+        if len(values) != n_total:
+            msg = f"by has {len(values)} labels but the data has {n_total} cells"
+            raise BigcatInputError(msg)
+        codes, clusters = _factorize([values])
+        by_desc = "array"
+    unlabelled = int(np.count_nonzero(codes < 0))
+    if cells is not None:
+        names = pd.Index(np.concatenate([np.asarray(p.cell_names) for p in parts]))
+        keep = np.zeros(n_total, dtype=bool)
+        keep[_select(cells, names, "cell")] = True
+        codes = np.where(keep, codes, -1).astype(np.int32)
+    if max_cells_per_cluster is not None:
+        codes = _subsample(codes, int(max_cells_per_cluster), seed)
+    # keep clusters with at least one cell, in label order
+    n_cells = np.bincount(codes[codes >= 0], minlength=len(clusters))
+    present_clusters = np.flatnonzero(n_cells > 0)
+    remap = np.full(len(clusters) + 1, -1, dtype=np.int32)
+    remap[present_clusters] = np.arange(len(present_clusters), dtype=np.int32)
+    codes = remap[codes]  # -1 indexes the last entry, which is -1
+    clusters = clusters[present_clusters]
+    n_cells = n_cells[present_clusters].astype(np.int64)
+    where = ", ".join(p.name for p in parts)
+    if len(clusters) == 0:
+        if cells is not None:
+            msg = f"{where}: none of the selected cells has a cluster label in {by_desc!r}"
+        else:
+            msg = f"{where}: no cell has a cluster label in {by_desc!r} (all {n_total} are missing)"
+        raise BigcatInputError(msg)
+    if unlabelled:  # one line (after the error for none at all, which says it alone)
+        log.warning("%s: %d of %d cells have no label in %s and are left out", where, unlabelled, n_total, by_desc)
+    offset = 0
+    for part in parts:
+        part.codes = codes[offset : offset + part.n_cells]
+        offset += part.n_cells
+    return Labelled(codes, clusters, n_cells, by_desc, unlabelled, attrs)
