@@ -15,10 +15,10 @@ Conventions shared by the kernels
 - ``totals[r]``: the cell's total counts for ``normalize`` (log2 CPM); when ``totals`` is
   empty and ``normalize`` is set, the CSR kernel sums the row itself (a CSR row block holds
   whole rows, so no extra pass over the data is needed).
-- Accumulators: ``sums``/``sqr`` float64, ``present``/``nnz`` uint16 or int32 (``fold_csr``:
+- Accumulators: ``sums``/``sqr_sums`` float64, ``present_counts``/``nnz`` uint16 or int32 (``fold_csr``:
   ``None`` when not requested; ``fold_csc``: a 0×0 array), holding the clusters ``c_lo …``
   (an accumulator piece owns a cluster range).
-  ``present`` counts values passing the threshold test, or — when an implicit zero passes
+  ``present_counts`` counts values passing the threshold test, or — when an implicit zero passes
   too (``count_fails``) — the stored values failing it, so cells without a stored value
   never need visiting. (Interleaving the accumulators in one array was measured too: no
   faster at 5,000 clusters — the kernel is bound by the latency of scattered updates,
@@ -84,16 +84,16 @@ def _rows(acc, c):
 
 
 @numba.njit(nogil=True, cache=True)
-def _n_rows(sums, sqr, present, nnz, extra=None):
+def _n_rows(sums, sqr_sums, present_counts, nnz, extra_counts=None):
     n = 0
-    if extra is not None:
-        n = max(n, extra.shape[0])
+    if extra_counts is not None:
+        n = max(n, extra_counts.shape[0])
     if sums is not None:
         n = max(n, sums.shape[0])
-    if sqr is not None:
-        n = max(n, sqr.shape[0])
-    if present is not None:
-        n = max(n, present.shape[0])
+    if sqr_sums is not None:
+        n = max(n, sqr_sums.shape[0])
+    if present_counts is not None:
+        n = max(n, present_counts.shape[0])
     if nnz is not None:
         n = max(n, nnz.shape[0])
     return n
@@ -101,7 +101,23 @@ def _n_rows(sums, sqr, present, nnz, extra=None):
 
 @numba.njit(nogil=True, cache=True)
 def _fold_row(
-    data, indices, lo, hi, col_offset, gene_map, totals, scale, threshold, op_ge, count_fails, s, q, p, z, e, tests
+    data,
+    indices,
+    lo,
+    hi,
+    col_offset,
+    gene_map,
+    totals,
+    scale,
+    threshold,
+    op_ge,
+    count_fails,
+    sums_row,
+    sqr_row,
+    present_row,
+    nnz_row,
+    extra_row,
+    tests,
 ):
     """One row's values into one cluster's accumulator rows.
 
@@ -109,8 +125,7 @@ def _fold_row(
     compiles one loop per combination of requested accumulators, gene map and
     normalization, with no per-value branches on them; column numbers are unsigned (numba
     then skips negative-index wraparound; indices were checked when read) and counts are
-    added branch-free. Measured on dataset S (one thread, one 75M-value block): 4.35 ->
-    2.45 ns per value at 50 clusters, 10.1 -> 7.0 at 5,000.
+    added branch-free (docs/design.md, "The kernel").
     """
     for j in range(lo, hi):
         if gene_map is None:
@@ -123,17 +138,17 @@ def _fold_row(
         v = np.float64(data[j])
         if totals is not None:
             v = np.log2(v * scale + 1.0)
-        if s is not None:
-            s[g] += v
-        if q is not None:
-            q[g] += v * v
-        if p is not None:
-            p[g] += _passes(v, threshold, op_ge) != count_fails
-        if z is not None:
-            z[g] += v != 0.0
-        if e is not None:
-            for t in range(e.shape[0]):
-                e[t, g] += _passes(v, tests[t, 0], tests[t, 1] != 0.0) != (tests[t, 2] != 0.0)
+        if sums_row is not None:
+            sums_row[g] += v
+        if sqr_row is not None:
+            sqr_row[g] += v * v
+        if present_row is not None:
+            present_row[g] += _passes(v, threshold, op_ge) != count_fails
+        if nnz_row is not None:
+            nnz_row[g] += v != 0.0
+        if extra_row is not None:
+            for t in range(extra_row.shape[0]):
+                extra_row[t, g] += _passes(v, tests[t, 0], tests[t, 1] != 0.0) != (tests[t, 2] != 0.0)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -150,10 +165,10 @@ def fold_csr(
     count_fails,
     c_lo,
     sums,
-    sqr,
-    present,
+    sqr_sums,
+    present_counts,
     nnz,
-    extra=None,
+    extra_counts=None,
     tests=None,
 ):
     """Accumulate the rows of a CSR block whose cluster is in ``[c_lo, c_lo + len(acc))``
@@ -162,11 +177,11 @@ def fold_csr(
     ``gene_map`` ``None``: every column kept, in order (the common case). ``totals``
     ``None``: no normalization; empty: log2 CPM with each row's total summed here; else
     log2 CPM with these totals. Accumulators not requested are ``None``. Each row's
-    accumulator rows are taken once as 1-D views. ``extra`` (clusters × tests × genes
+    accumulator rows are taken once as 1-D views. ``extra_counts`` (clusters × tests × genes
     counts, or ``None``) counts further presence tests in the same pass, one per row of
     ``tests`` (threshold, 1.0 for ``>=`` else 0.0, 1.0 to count the failures).
     """
-    c_hi = c_lo + _n_rows(sums, sqr, present, nnz, extra)
+    c_hi = c_lo + _n_rows(sums, sqr_sums, present_counts, nnz, extra_counts)
     for r in _rows_by_cluster(codes, c_lo, c_hi):
         c = codes[r] - c_lo
         lo = indptr[r]
@@ -193,10 +208,10 @@ def fold_csr(
             op_ge,
             count_fails,
             _rows(sums, c),
-            _rows(sqr, c),
-            _rows(present, c),
+            _rows(sqr_sums, c),
+            _rows(present_counts, c),
             _rows(nnz, c),
-            _rows(extra, c),
+            _rows(extra_counts, c),
             tests,
         )
 
@@ -216,24 +231,24 @@ def fold_csc(
     count_fails,
     c_lo,
     sums,
-    sqr,
-    present,
+    sqr_sums,
+    present_counts,
     nnz,
-    extra,
+    extra_counts,
     tests,
 ):
     """Accumulate a CSC block (columns ``col_offset…``) into the accumulators, for the
     clusters in ``[c_lo, c_lo + len(acc))``.
 
     ``totals`` must be given when ``normalize`` is set (a column block does not hold whole
-    rows). ``extra``/``tests`` as in :func:`fold_csr` (a 0 × 0 × 0 array when none).
+    rows). ``extra_counts``/``tests`` as in :func:`fold_csr` (a 0 × 0 × 0 array when none).
     """
     do_sum = sums.shape[0] > 0
-    do_sqr = sqr.shape[0] > 0
-    do_present = present.shape[0] > 0
+    do_sqr = sqr_sums.shape[0] > 0
+    do_present = present_counts.shape[0] > 0
     do_nnz = nnz.shape[0] > 0
-    do_extra = extra.shape[0] > 0
-    c_hi = c_lo + max(sums.shape[0], sqr.shape[0], present.shape[0], nnz.shape[0], extra.shape[0])
+    do_extra = extra_counts.shape[0] > 0
+    c_hi = c_lo + max(sums.shape[0], sqr_sums.shape[0], present_counts.shape[0], nnz.shape[0], extra_counts.shape[0])
     for col in range(indptr.size - 1):
         g = gene_map[col + col_offset]
         if g < 0:
@@ -252,14 +267,14 @@ def fold_csc(
             if do_sum:
                 sums[c, g] += v
             if do_sqr:
-                sqr[c, g] += v * v
+                sqr_sums[c, g] += v * v
             if do_present and _passes(v, threshold, op_ge) != count_fails:
-                present[c, g] += 1
+                present_counts[c, g] += 1
             if do_nnz and v != 0.0:
                 nnz[c, g] += 1
             if do_extra:
-                for t in range(extra.shape[1]):
-                    extra[c, t, g] += _passes(v, tests[t, 0], tests[t, 1] != 0.0) != (tests[t, 2] != 0.0)
+                for t in range(extra_counts.shape[1]):
+                    extra_counts[c, t, g] += _passes(v, tests[t, 0], tests[t, 1] != 0.0) != (tests[t, 2] != 0.0)
 
 
 @numba.njit(nogil=True, cache=True)
