@@ -70,9 +70,9 @@ def local_cluster_options() -> dict[str, Any]:
     One worker, *in this process* (``processes=False``), using every core as a thread:
     bigcat's hot loops (numba kernels, decompression, h5py/zarr reads) release the GIL, so
     threads lose nothing to processes, while sharing one copy of the inputs and of the
-    per-cluster accumulators (at 5,000 clusters × 32,285 genes, 3.2 GB) instead of one per
-    process, and results reach the client by reference instead of being pickled — a
-    worker process would hold the result and send a second copy. The worker may use 80%
+    per-cluster accumulators instead of one per process, and results reach the client by
+    reference instead of being pickled — a worker process would hold the result and send a
+    second copy. The worker may use 80%
     of the machine's memory, leaving the rest to the page cache. The scheduler, dashboard
     and diagnostics are distributed's own.
     """

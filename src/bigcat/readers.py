@@ -166,10 +166,10 @@ class BufferPool:
     """Reusable 1-D arrays for blocks read concurrently by several tasks.
 
     Each block read into fresh memory costs first-touch page faults, which on virtual
-    machines cost more than decoding the block (measured here: ~16% of a statistics pass
-    over dataset S). :meth:`take` hands out a view of a pooled array that nothing else
-    references any more (CPython's reference count: the block, every view of it and every
-    matrix built on it keep the array busy), so a buffer is reused exactly when the block
+    machines cost more than decoding the block (docs/design.md). :meth:`take` hands out a
+    view of a pooled array that nothing else references any more (CPython's reference
+    count: the block, every view of it and every matrix built on it keep the array busy),
+    so a buffer is reused exactly when the block
     it held is gone, whichever task or thread let it go. New arrays are pieces of
     ``arena`` while it has room (see :class:`bigcat.util.PageArena`), else
     :func:`bigcat.util.small_pages`. At most ``limit`` arrays are kept; past that, or for

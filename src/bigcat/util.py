@@ -106,11 +106,10 @@ def small_pages(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     For the large arrays of a pass (accumulators, block buffers), written all over and
     freed at the end. NumPy asks for transparent huge pages on every large allocation; on
     virtual machines whose host takes back free guest memory (a balloon with free-page
-    reporting, as on Firecracker), first-touching fresh huge pages was measured here at
-    0.12–2.2 s/GB from one run to the next, against 0.35–0.5 s/GB for small pages; the
-    5,000-cluster statistics took 5.8–7.5 s instead of 8.8–11.6 s (interleaved runs). The
-    kernel zeroes the pages when they are first touched and takes them back when the array
-    is freed. Elsewhere (no ``madvise``) and for small arrays it is ``np.zeros``.
+    reporting, as on Firecracker), first-touching fresh huge pages is slower and far less
+    steady than small pages (docs/design.md, "Memory on a virtual machine"). The kernel
+    zeroes the pages when they are first touched and takes them back when the array is
+    freed. Elsewhere (no ``madvise``) and for small arrays it is ``np.zeros``.
 
     The array is the base of every view of it (the mapping is its buffer), so
     ``sys.getrefcount`` on it counts its views (see ``bigcat.readers.BufferPool``).
@@ -150,8 +149,8 @@ def prefault(array: np.ndarray) -> bool:
     could (Linux 5.14+, ``MADV_POPULATE_WRITE``).
 
     For arrays on fresh zero pages (:func:`small_pages`) this replaces ``fill(0)``: one
-    system call instead of a page fault per page and a pass of writes (measured here:
-    2 GB in 0.55–0.9 s instead of 0.8–1.1 s). Whole pages are populated, also where they
+    system call instead of a page fault per page and a pass of writes (docs/design.md).
+    Whole pages are populated, also where they
     stretch past the array's ends; the contents never change.
     """
     madvise = _madvise()
@@ -220,8 +219,8 @@ class ByReference:
 
     distributed pickles every graph it is given, also for a ``LocalCluster`` whose worker
     runs in this process: the preallocated result views and the buffer pool of a
-    statistics pass (2.7 GB at 5,000 clusters × 32,285 genes) were copied into the graph,
-    and the tasks then filled those copies. An instance pickles as a key and unpickles as
+    statistics pass (gigabytes with thousands of clusters) were copied into the graph, and
+    the tasks then filled those copies. An instance pickles as a key and unpickles as
     the value itself; :meth:`release` forgets it.
     """
 

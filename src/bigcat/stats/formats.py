@@ -162,8 +162,8 @@ def _read_stats_table(path: str, storage_options: dict | None) -> Any:
 #: uncompressed bytes of one chunk of a statistics store's float64 matrices (rows of clusters × all genes)
 STATS_CHUNK_BYTES = 8 << 20
 #: Blosc settings of a statistics store's matrices (with bit shuffle): float32 statistics
-#: barely compress (1.7×) and LZ4 level 1 with bit shuffle encodes them fastest of the
-#: settings measured (BENCHMARKS.md); float64 sums compress 7×
+#: barely compress, and LZ4 level 1 with bit shuffle encodes them fastest of the settings
+#: measured (docs/design.md)
 STATS_CODEC = {"cname": "lz4", "clevel": 1}
 
 
@@ -174,8 +174,8 @@ def _write_stats_zarr(ds: Any, store: Any) -> None:
     × all genes, Blosc LZ4 with bit shuffle); the matrices' chunks are
     then computed (a slab of a lazy statistic at a time, never a float64 temporary of
     full size), encoded and stored by a thread pool (NumPy, Blosc and file writes release
-    the GIL). xarray handing whole NumPy arrays to zarr encoded them on one thread, with
-    zarr's default Zstandard and small chunks: 17 s for the 4.8 GB of 5,000 clusters.
+    the GIL). xarray handing whole NumPy arrays to zarr encodes them on one thread, with
+    zarr's default Zstandard and small chunks (docs/design.md, "Writing results").
     """
     import dask.array as da
     from zarr.codecs import BloscCodec
@@ -250,8 +250,8 @@ def _runs(ds: Any) -> list[str]:
 def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
     """Rows ``clusters`` of the long table as an Arrow table: cluster and gene names as
     dictionary columns over ``names`` (no string per row is ever built), the statistics as
-    flat views of their matrices. Building the rows as pandas strings made writing 5,000
-    clusters' table cost 80 s."""
+    flat views of their matrices (pandas strings per row cost many times more to write;
+    docs/design.md)."""
     import pyarrow as pa
 
     lo, hi, _ = clusters.indices(ds.sizes["cluster"])
