@@ -372,12 +372,7 @@ def _blocks(
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
     cap = _capacity(client)
     n_row_parts, n_ranges = _decompose(cap, acc_bytes, len(blocks), n_clusters, in_process)
-    all_codes = np.concatenate([p.codes for p in parts])
-    n_cells = np.bincount(all_codes[all_codes >= 0], minlength=n_clusters).astype(np.int64)
-    # cluster ranges holding about the same number of cells (cluster sizes are very skewed)
-    cum = np.cumsum(n_cells)
-    edges = np.searchsorted(cum, np.linspace(0, cum[-1] if len(cum) else 0, n_ranges + 1)[1:-1], side="left") + 1
-    edges = np.unique(np.r_[0, np.minimum(edges, n_clusters), n_clusters]).astype(np.int64)
+    n_cells, edges = _cluster_ranges(parts, n_clusters, n_ranges)
     n_ranges = len(edges) - 1
     log.info(
         "blocks engine: %d blocks; %d clusters × %d genes (%.2f GB of accumulators) as %d row partitions × %d "
@@ -408,55 +403,17 @@ def _blocks(
         for name in settings.accumulators
     }
 
-    final_keys = []
-    chains: dict[tuple[int, int], str] = {}
-    # each row partition's tasks (init, reads, folds) as a group that one worker runs
-    partitions: list[dict] = [{} for _ in range(n_row_parts)]
-    for r, partition in enumerate(partitions):
+    # each row partition's tasks (init, reads, folds) as a group that one worker runs;
+    # in-process, chain 0 of each range accumulates straight into the preallocated results
+    partitions, chains = [], []
+    for r in range(n_row_parts):
         mine = blocks[len(blocks) * r // n_row_parts : len(blocks) * (r + 1) // n_row_parts]
-        last = {}
-        for c in range(n_ranges):
-            lo, hi = int(edges[c]), int(edges[c + 1])
-            key = f"{INIT}-{token}-{r}-{c}"
-            views = {name: a[lo:hi] for name, a in out.items()} if in_process and r == 0 else None
-            partition[key] = (_init_task, settings, hi - lo, n_out, shared(views))
-            last[c] = key
-        tokens: list[str] = []
-        for k, block in enumerate(mine):
-            read_key = f"{READ}-{token}-{r}-{k}"
-            read = block.read
-            if block.lookahead and k >= LOOKAHEAD:
-                read = (*read, tokens[k - LOOKAHEAD])
-            partition[read_key] = read
-            folds = []
-            for c in range(n_ranges):
-                lo, hi = int(edges[c]), int(edges[c + 1])
-                if n_ranges > 1 and not ((block.codes >= lo) & (block.codes < hi)).any():
-                    continue
-                key = f"{FOLD}-{token}-{r}-{c}-{k}"
-                partition[key] = (_fold_task, last[c], read_key, block.codes, gene_map, block.totals, settings, lo)
-                last[c] = key
-                folds.append(key)
-            tok = f"{TOKEN}-{token}-{r}-{k}"
-            partition[tok] = (_token_task, *folds)
-            tokens.append(tok)
-        for c in range(n_ranges):
-            chains[(r, c)] = last[c]
-    combine: dict = {}  # the partitions' pieces added, each range finalized
-    for c in range(n_ranges):
-        lo, hi = int(edges[c]), int(edges[c + 1])
-        level = [chains[(r, c)] for r in range(n_row_parts)]
-        depth = 0
-        while len(level) > 1:
-            nxt = []
-            for i in range(0, len(level), FAN_IN):
-                key = f"{ADD}-{token}-{c}-{depth}-{i}"
-                combine[key] = (_add_task, *level[i : i + FAN_IN])
-                nxt.append(key)
-            level, depth = nxt, depth + 1
-        key = f"{FINAL}-{token}-{c}"
-        combine[key] = (_finalize_task, level[0], n_cells[lo:hi], settings)
-        final_keys.append(key)
+        partition, ends = _partition_graph(
+            f"{token}-{r}", mine, edges, settings, gene_map, n_out, out if in_process and r == 0 else None, shared
+        )
+        partitions.append(partition)
+        chains.append(ends)
+    combine, final_keys = _combine_graph(token, chains, edges, n_cells, settings)
     workers = min(cap.workers, math.ceil(n_row_parts * n_ranges / cap.threads))
     inputs = [p.source.path for p in parts if p.source is not None]
     try:
@@ -473,6 +430,74 @@ def _blocks(
     del pool
     release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
     return out, spare
+
+
+def _cluster_ranges(parts: list[_Part], n_clusters: int, n_ranges: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cells per cluster, and the edges of at most ``n_ranges`` cluster ranges holding about
+    the same number of cells (cluster sizes are very skewed)."""
+    all_codes = np.concatenate([p.codes for p in parts])
+    n_cells = np.bincount(all_codes[all_codes >= 0], minlength=n_clusters).astype(np.int64)
+    cum = np.cumsum(n_cells)
+    edges = np.searchsorted(cum, np.linspace(0, cum[-1] if len(cum) else 0, n_ranges + 1)[1:-1], side="left") + 1
+    return n_cells, np.unique(np.r_[0, np.minimum(edges, n_clusters), n_clusters]).astype(np.int64)
+
+
+def _partition_graph(
+    prefix: str, blocks: list[_Block], edges: np.ndarray, settings: _Settings, gene_map: np.ndarray, n_out: int,
+    out: dict | None, shared: Any,
+) -> tuple[dict, list[str]]:  # fmt: skip
+    """One row partition's tasks: per cluster range an init and a chain of folds, one per
+    block holding cells of that range; reads at most ``LOOKAHEAD`` blocks ahead; a token per
+    block for the progress bar. Returns the tasks and each range's chain end. ``out``: the
+    results to accumulate into (views of them as the inits' pieces)."""
+    graph: dict = {}
+    n_ranges = len(edges) - 1
+    last = []
+    for c in range(n_ranges):
+        lo, hi = int(edges[c]), int(edges[c + 1])
+        key = f"{INIT}-{prefix}-{c}"
+        views = {name: a[lo:hi] for name, a in out.items()} if out is not None else None
+        graph[key] = (_init_task, settings, hi - lo, n_out, shared(views))
+        last.append(key)
+    tokens: list[str] = []
+    for k, block in enumerate(blocks):
+        read_key = f"{READ}-{prefix}-{k}"
+        graph[read_key] = (*block.read, tokens[k - LOOKAHEAD]) if block.lookahead and k >= LOOKAHEAD else block.read
+        folds = []
+        for c in range(n_ranges):
+            lo, hi = int(edges[c]), int(edges[c + 1])
+            if n_ranges > 1 and not ((block.codes >= lo) & (block.codes < hi)).any():
+                continue
+            key = f"{FOLD}-{prefix}-{c}-{k}"
+            graph[key] = (_fold_task, last[c], read_key, block.codes, gene_map, block.totals, settings, lo)
+            last[c] = key
+            folds.append(key)
+        tokens.append(f"{TOKEN}-{prefix}-{k}")
+        graph[tokens[-1]] = (_token_task, *folds)
+    return graph, last
+
+
+def _combine_graph(
+    token: str, chains: list[list[str]], edges: np.ndarray, n_cells: np.ndarray, settings: _Settings
+) -> tuple[dict, list[str]]:
+    """Per cluster range, the row partitions' chain ends added by a tree of fan-in
+    ``FAN_IN`` and finalized; returns the tasks and the final keys, in range order."""
+    graph: dict = {}
+    final_keys = []
+    for c in range(len(edges) - 1):
+        level = [ends[c] for ends in chains]
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level), FAN_IN):
+                key = f"{ADD}-{token}-{c}-{depth}-{i}"
+                graph[key] = (_add_task, *level[i : i + FAN_IN])
+                nxt.append(key)
+            level, depth = nxt, depth + 1
+        key = f"{FINAL}-{token}-{c}"
+        graph[key] = (_finalize_task, level[0], n_cells[int(edges[c]) : int(edges[c + 1])], settings)
+        final_keys.append(key)
+    return graph, final_keys
 
 
 def _run(
