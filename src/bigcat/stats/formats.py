@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,8 @@ def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> 
     if not fs.exists(path, storage_options):
         msg = f"{path}: no such file or directory"
         raise InputNotFoundError(msg)
-    suffix = fs.suffix_of(path)
-    if suffix == ".h5ad":
-        return _read_stats_h5ad(path, storage_options)
-    if suffix in (".parquet", ".csv"):
-        return _read_stats_table(path, storage_options)
-    return _read_stats_zarr(path, storage_options)
+    read, _ = FORMATS.get(fs.suffix_of(path), FORMATS[".zarr"])
+    return read(path, storage_options)
 
 
 def _read_stats_zarr(path: str, storage_options: dict | None) -> Any:
@@ -300,7 +297,7 @@ def write_stats(
         The files written.
     """
     from bigcat import fs
-    from bigcat.store import publish
+    from bigcat.store import refuse_input_as_output
 
     url = fs.is_url(path)
     path = str(path) if url else fs.local(path)
@@ -309,92 +306,140 @@ def write_stats(
         sources = json.loads(ds.attrs.get("source", "[]"))
     except (TypeError, ValueError):
         sources = []
-    from bigcat.store import refuse_input_as_output
-
     refuse_input_as_output(path, [s for s in sources if isinstance(s, str)])
-
-    def atomic_path(target: Any, *, overwrite: bool) -> Any:
-        kind = "zarr" if fs.suffix_of(target) == ".zarr" else "file"
-        return publish(target, overwrite=overwrite, storage_options=storage_options, kind=kind)
-
-    if suffix not in (".zarr", ".parquet", ".csv", ".h5ad"):
+    if suffix not in FORMATS:
         msg = f"{path}: unknown output type {suffix or '(none)'!r}; use .zarr, .parquet, .csv or .h5ad"
         raise BigcatInputError(msg)
     if wide and suffix not in (".parquet", ".csv"):
         msg = f"{path}: --wide (wide=True) is for .parquet and .csv tables; a {suffix} output is always whole"
         raise BigcatInputError(msg)
-    matrices = [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
-    if suffix == ".zarr":
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            out = ds.copy()
-            for name in ("cluster", "gene"):
-                if out[name].dtype == object:
-                    out = out.assign_coords({name: out[name].values.astype(str)})
-            out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
-            store = fs.zarr_store(tmp, storage_options, read_only=False)
-            import zarr
-            from zarr.errors import UnstableSpecificationWarning
+    _, write = FORMATS[suffix]
+    return write(ds, path, _Target(overwrite, storage_options, wide=wide))
 
-            with warnings.catch_warnings():
-                # zarr's notes on consolidated metadata and on the names' fixed-length strings
-                # (read back by zarr-python and xarray): once here, not a page per array
-                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-                warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
-                _write_stats_zarr(out, store)
-                root = zarr.open_group(store, mode="r+")
-                root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
-                zarr.consolidate_metadata(store)
-        return [path]
-    if suffix == ".h5ad":
-        import anndata as ad
 
-        obs = pd.DataFrame({"n_cells": ds["n_cells"].values}, index=pd.Index(ds["cluster"].values.astype(str)))
-        var = pd.DataFrame(index=pd.Index(ds["gene"].values.astype(str)))
-        layers = {name: np.asarray(ds[name].values) for name in matrices}
-        uns = {"bigcat_stats": {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}}
-        adata = ad.AnnData(obs=obs, var=var, layers=layers, uns=uns)
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            adata.write_h5ad(tmp)
-            if not url:  # the mark of a file bigcat wrote (--overwrite replaces only those)
-                import h5py
+@dataclass(frozen=True)
+class _Target:
+    """How an output is published: replace an existing one or not, fsspec options, and for
+    tables whether they are wide."""
 
-                with h5py.File(tmp, "a") as f:
-                    f.attrs["bigcat"] = json.dumps({"layout": "stats", "complete": True})
-        return [path]
-    import pyarrow as pa
+    overwrite: bool
+    storage_options: dict | None
+    wide: bool = False
+
+    def publish(self, path: Any) -> Any:
+        """A temporary path that becomes ``path`` atomically when the block ends."""
+        from bigcat import fs
+        from bigcat.store import publish
+
+        kind = "zarr" if fs.suffix_of(path) == ".zarr" else "file"
+        return publish(path, overwrite=self.overwrite, storage_options=self.storage_options, kind=kind)
+
+
+def _matrices(ds: Any) -> list[str]:
+    return [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
+
+
+def _write_zarr(ds: Any, path: Any, target: _Target) -> list:
+    import zarr
+    from zarr.errors import UnstableSpecificationWarning
+
+    from bigcat import fs
+
+    with target.publish(path) as tmp:
+        out = ds.copy()
+        for name in ("cluster", "gene"):
+            if out[name].dtype == object:
+                out = out.assign_coords({name: out[name].values.astype(str)})
+        out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
+        store = fs.zarr_store(tmp, target.storage_options, read_only=False)
+        with warnings.catch_warnings():
+            # zarr's notes on consolidated metadata and on the names' fixed-length strings
+            # (read back by zarr-python and xarray): once here, not a page per array
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
+            _write_stats_zarr(out, store)
+            root = zarr.open_group(store, mode="r+")
+            root.attrs["bigcat"] = {"complete": True, "layout": "stats", "format_version": 1}
+            zarr.consolidate_metadata(store)
+    return [path]
+
+
+def _write_h5ad(ds: Any, path: Any, target: _Target) -> list:
+    import anndata as ad
+
+    from bigcat import fs
+
+    obs = pd.DataFrame({"n_cells": ds["n_cells"].values}, index=pd.Index(ds["cluster"].values.astype(str)))
+    var = pd.DataFrame(index=pd.Index(ds["gene"].values.astype(str)))
+    layers = {name: np.asarray(ds[name].values) for name in _matrices(ds)}
+    uns = {"bigcat_stats": {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}}
+    adata = ad.AnnData(obs=obs, var=var, layers=layers, uns=uns)
+    with target.publish(path) as tmp:
+        adata.write_h5ad(tmp)
+        if not fs.is_url(path):  # the mark of a file bigcat wrote (--overwrite replaces only those)
+            import h5py
+
+            with h5py.File(tmp, "a") as f:
+                f.attrs["bigcat"] = json.dumps({"layout": "stats", "complete": True})
+    return [path]
+
+
+def _table_writer(path: Any, tmp: Any, schema: Any) -> Any:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    def open_writer(target: Path, schema: pa.Schema) -> Any:
-        return pq.ParquetWriter(target, schema) if suffix == ".parquet" else pacsv.CSVWriter(target, schema)
+    from bigcat import fs
 
+    return pq.ParquetWriter(tmp, schema) if fs.suffix_of(path) == ".parquet" else pacsv.CSVWriter(tmp, schema)
+
+
+def _write_table(ds: Any, path: Any, target: _Target) -> list:
+    """The long table (one row per cluster × gene), or with ``wide`` one genes × clusters
+    table per statistic."""
+    return _write_wide(ds, path, target) if target.wide else _write_long(ds, path, target)
+
+
+def _write_wide(ds: Any, path: Any, target: _Target) -> list:
+    import pyarrow as pa
+
+    from bigcat import fs
+
+    suffix = fs.suffix_of(path)
     written = []
-    if wide:
-        for name in matrices:
-            stem = str(path)[: -len(suffix)] if suffix else str(path)
-            final = f"{stem}.{name}{suffix}" if url else Path(f"{stem}.{name}{suffix}")
-            values = np.asarray(ds[name].values)
-            columns = {"gene": pa.array(ds["gene"].values.astype(str))}
-            for i, label in enumerate(ds["cluster"].values):
-                columns[str(label)] = pa.array(values[i])
-            table = pa.table(columns)
-            if suffix == ".parquet":  # the mark of a file bigcat wrote (--overwrite replaces only those)
-                table = table.replace_schema_metadata({b"bigcat": json.dumps({"statistic": name}).encode()})
-            with atomic_path(final, overwrite=overwrite) as tmp:
-                writer = open_writer(tmp, table.schema)
-                writer.write_table(table)
-                writer.close()
-            written.append(final)
-        return written
+    for name in _matrices(ds):
+        stem = str(path)[: -len(suffix)] if suffix else str(path)
+        final = f"{stem}.{name}{suffix}" if fs.is_url(path) else Path(f"{stem}.{name}{suffix}")
+        values = np.asarray(ds[name].values)
+        columns = {"gene": pa.array(ds["gene"].values.astype(str))}
+        for i, label in enumerate(ds["cluster"].values):
+            columns[str(label)] = pa.array(values[i])
+        table = pa.table(columns)
+        if suffix == ".parquet":  # the mark of a file bigcat wrote (--overwrite replaces only those)
+            table = table.replace_schema_metadata({b"bigcat": json.dumps({"statistic": name}).encode()})
+        with target.publish(final) as tmp:
+            writer = _table_writer(path, tmp, table.schema)
+            writer.write_table(table)
+            writer.close()
+        written.append(final)
+    return written
+
+
+def _write_long(ds: Any, path: Any, target: _Target) -> list:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bigcat import fs
+
+    parquet = fs.suffix_of(path) == ".parquet"
     attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))})
     step = max(1, (1 << 22) // max(ds.sizes["gene"], 1))
     names = {axis: pa.array(np.asarray(ds[axis].values).astype(str)) for axis in ("cluster", "gene")}
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    with target.publish(path) as tmp:
         writer = None
         for lo in [*range(0, ds.sizes["cluster"], step)] or [0]:
             table = _long_arrow(ds, slice(lo, lo + step), names)
             if writer is None:
-                if suffix == ".parquet":  # strings as before for readers (no Arrow schema: no categoricals)
+                if parquet:  # strings as before for readers (no Arrow schema: no categoricals)
                     # dictionary pages and min/max statistics only where they help (the names):
                     # on the float columns they cost half the writing time and buy nothing
                     writer = pq.ParquetWriter(
@@ -402,9 +447,9 @@ def write_stats(
                         write_statistics=["cluster", "gene", "n_cells"],
                     )  # fmt: skip
                 else:
-                    writer = open_writer(tmp, table.schema)
+                    writer = _table_writer(path, tmp, table.schema)
             writer.write_table(table)
-        if suffix == ".parquet":  # the attributes travel in the file's metadata (CSV has nowhere to keep them)
+        if parquet:  # the attributes travel in the file's metadata (CSV has nowhere to keep them)
             writer.add_key_value_metadata({"bigcat": attrs_json})
         writer.close()
     return [path]
@@ -416,3 +461,12 @@ def _is_test_fraction(name: str) -> bool:
         return statistic(name).finalize is not None
     except KeyError:
         return False
+
+
+#: each output format's reader and writer, by suffix
+FORMATS = {
+    ".zarr": (_read_stats_zarr, _write_zarr),
+    ".h5ad": (_read_stats_h5ad, _write_h5ad),
+    ".parquet": (_read_stats_table, _write_table),
+    ".csv": (_read_stats_table, _write_table),
+}
