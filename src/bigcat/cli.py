@@ -625,13 +625,6 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (errors as one line on stderr, tracebacks with --debug)."""
-    try:  # recent typer vendors its own click
-        from typer._click.exceptions import ClickException
-    except ImportError:
-        from click import ClickException
-
-    from bigcat.errors import BigcatError
-
     argv = sys.argv[1:] if argv is None else argv
     _state["debug"] = "--debug" in argv
     previous = _terminate_like_ctrl_c()
@@ -640,54 +633,61 @@ def main(argv: list[str] | None = None) -> int:
         if code == 130:  # typer turns Ctrl-C into Exit(130), returned in non-standalone mode
             typer.echo("bigcat: interrupted", err=True)
             return 130
-        if isinstance(code, int):
-            return code
+        return code if isinstance(code, int) else 0
     except typer.Exit as done:
         return done.exit_code
-    except ClickException as error:
-        error.show()
-        return 2
-    except typer.Abort:
-        typer.echo("bigcat: interrupted", err=True)
-        return 130
     except KeyboardInterrupt:
         typer.echo("bigcat: interrupted", err=True)
         return 130
-    except BigcatError as error:
-        if _state["debug"]:
-            raise
+    except Exception as error:  # noqa: BLE001 - each kind is reported or re-raised below
+        return _report(error)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report(error: Exception) -> int:
+    """One line on stderr for ``error`` and its exit code; re-raises what is not bigcat's to
+    report (and everything with --debug). Called while ``error`` is being handled."""
+    try:  # recent typer vendors its own click
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click import ClickException
+
+    from bigcat.errors import BigcatError
+
+    if isinstance(error, ClickException):
+        error.show()
+        return 2
+    if isinstance(error, typer.Abort):
+        typer.echo("bigcat: interrupted", err=True)
+        return 130
+    if _state["debug"]:
+        raise error
+    if isinstance(error, BigcatError):
         typer.echo(f"bigcat: error: {error}", err=True)
         return error.exit_code
-    except PermissionError as error:
-        if _state["debug"]:
-            raise
+    if isinstance(error, PermissionError):
         typer.echo(
             f"bigcat: error: access denied: {_one_line(error)}; check the credentials (AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY, ~/.aws, --storage-option key=… secret=…) and the permissions",
             err=True,
         )
         return 1
-    except (OSError, RuntimeError, MemoryError) as error:
-        if _state["debug"]:
-            raise
+    if isinstance(error, (OSError, RuntimeError, MemoryError)):
         typer.echo(
             f"bigcat: error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
             err=True,
         )
         return 1
-    except Exception as error:
-        if type(error).__name__ == "KilledWorker" and not _state["debug"]:
-            typer.echo(f"bigcat: error: {killed_worker_message(error)}", err=True)
-            return 1
-        # object-storage clients raise their own exception types (botocore's are not OSErrors)
-        if _state["debug"] or not type(error).__module__.startswith(STORAGE_MODULES):
-            raise
-        typer.echo(f"bigcat: error: storage: {type(error).__name__}: {_one_line(error)}", err=True)
+    if type(error).__name__ == "KilledWorker":
+        typer.echo(f"bigcat: error: {killed_worker_message(error)}", err=True)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
+    # object-storage clients raise their own exception types (botocore's are not OSErrors)
+    if not type(error).__module__.startswith(STORAGE_MODULES):
+        raise error
+    typer.echo(f"bigcat: error: storage: {type(error).__name__}: {_one_line(error)}", err=True)
+    return 1
 
 
 def _terminate_like_ctrl_c() -> Any:

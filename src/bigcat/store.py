@@ -501,6 +501,70 @@ def partial_store(
         yield where
 
 
+def _partial_location(final: Any, *, overwrite: bool, storage_options: dict | None) -> tuple[Any, Any, bool]:
+    """``(final, partial, whether the partial exists)``: a URL is written in place (a
+    complete store bigcat wrote there is removed with ``overwrite``); a local output next to
+    its final name, after checking the folder and what the final name holds."""
+    from bigcat import fs
+
+    if fs.is_url(final):
+        partial = str(final)
+        there = fs.exists(partial, storage_options)
+        marker = read_marker(partial, storage_options) if there else None
+        if there and (marker is None or marker.get("complete")):
+            if not overwrite:
+                msg = f"{partial}: output exists; pass --overwrite (overwrite=True) to replace it"
+                raise BigcatOutputExistsError(msg)
+            if marker is None:
+                msg = f"{partial}: output exists and is not a store bigcat wrote; bigcat will not delete it"
+                raise BigcatOutputExistsError(msg)
+            fs.remove(partial, storage_options)
+            there = False
+        return final, partial, there
+    final = fs.local(final)
+    if not final.parent.is_dir():
+        msg = f"{final}: output folder {final.parent} does not exist"
+        raise BigcatInputError(msg)
+    _check_replaceable(final, overwrite=overwrite)
+    _check_writable(final)
+    partial = final.parent / f".{final.name}.bigcat-partial"
+    return final, partial, partial.exists()
+
+
+def _take_up_partial(
+    final: Any, partial: Any, checkpoints: Checkpoints, state: dict | None, *, resume: bool, overwrite: bool,
+    storage_options: dict | None,
+) -> dict | None:  # fmt: skip
+    """What to do with an unfinished store found at ``partial``: resume it (same settings
+    only), refuse (progress recorded, neither flag given), or remove it; the state to resume."""
+    from bigcat import fs
+
+    url = fs.is_url(partial)
+    if state is not None and resume:
+        recorded = state.get("settings", {})
+        changed = _settings_differ(recorded, checkpoints.settings)
+        if changed:
+            raise BigcatInputError(_resume_refusal(final, changed, recorded, checkpoints.settings))
+        log.warning("%s: resuming after %s", final, _describe_state(state))
+        if not url:  # writes the kill cut short: zarr's temporary files (KEY.<uuid>.partial)
+            for leftover in partial.rglob("*.partial"):
+                if re.fullmatch(r".*\.[0-9a-f]{32}\.partial", leftover.name):
+                    leftover.unlink()
+        return state
+    if state is not None and not overwrite:
+        msg = (
+            f"{final}: an interrupted conversion is there ({_describe_state(state)} done); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+        raise BigcatOutputExistsError(msg)
+    log.info("%s: removing an unfinished store without recorded progress", partial)
+    if url:
+        fs.remove(partial, storage_options)
+    else:
+        _remove(partial)
+    return None
+
+
 @contextlib.contextmanager
 def _partial_store(
     final: str | os.PathLike,
@@ -529,54 +593,12 @@ def _partial_store(
     from bigcat import fs
 
     url = fs.is_url(final)
-    if url:
-        partial: Any = str(final)
-        there = fs.exists(partial, storage_options)
-        marker = read_marker(partial, storage_options) if there else None
-        if there and (marker is None or marker.get("complete")):
-            if not overwrite:
-                msg = f"{partial}: output exists; pass --overwrite (overwrite=True) to replace it"
-                raise BigcatOutputExistsError(msg)
-            if marker is None:
-                msg = f"{partial}: output exists and is not a store bigcat wrote; bigcat will not delete it"
-                raise BigcatOutputExistsError(msg)
-            fs.remove(partial, storage_options)
-            there = False
-    else:
-        final = fs.local(final)
-        if not final.parent.is_dir():
-            msg = f"{final}: output folder {final.parent} does not exist"
-            raise BigcatInputError(msg)
-        _check_replaceable(final, overwrite=overwrite)
-        _check_writable(final)
-        partial = final.parent / f".{final.name}.bigcat-partial"
-        there = partial.exists()
+    final, partial, there = _partial_location(final, overwrite=overwrite, storage_options=storage_options)
     checkpoints = Checkpoints(partial, settings, storage_options)
     state = checkpoints.read() if there else None
     if there:
-        if state is not None and resume:
-            recorded = state.get("settings", {})
-            changed = _settings_differ(recorded, checkpoints.settings)
-            if changed:
-                raise BigcatInputError(_resume_refusal(final, changed, recorded, checkpoints.settings))
-            log.warning("%s: resuming after %s", final, _describe_state(state))
-            if not url:  # writes the kill cut short: zarr's temporary files (KEY.<uuid>.partial)
-                for leftover in partial.rglob("*.partial"):
-                    if re.fullmatch(r".*\.[0-9a-f]{32}\.partial", leftover.name):
-                        leftover.unlink()
-        elif state is not None and not overwrite:
-            msg = (
-                f"{final}: an interrupted conversion is there ({_describe_state(state)} done); "
-                "pass --resume to continue it or --overwrite to start over"
-            )
-            raise BigcatOutputExistsError(msg)
-        else:
-            log.info("%s: removing an unfinished store without recorded progress", partial)
-            if url:
-                fs.remove(partial, storage_options)
-            else:
-                _remove(partial)
-            state = None
+        state = _take_up_partial(final, partial, checkpoints, state, resume=resume, overwrite=overwrite,
+                                 storage_options=storage_options)  # fmt: skip
     elif resume:
         log.warning("%s: nothing to resume, starting from the first row", final)
     try:

@@ -273,7 +273,7 @@ def make_model(
 
 
 @numba.njit(nogil=True, cache=True)
-def _generate_batch(
+def _generate_batch(  # noqa: PLR0915 - one compiled kernel, kept whole for numba
     seed,
     labels,
     baseline,
