@@ -138,7 +138,7 @@ def _run_blocks(function: Any, bounds: np.ndarray, shared: Any, client: Any, *ar
             with use_workers(client, min(capacity(client).workers, max(len(pairs), 1)), what="mapping"):
                 try:  # waits for a running worker (not one paused at its memory limit)
                     [handle] = client.scatter([shared], broadcast=True, hash=False, timeout=STALL_TIMEOUT)
-                except TimeoutError as error:
+                except (TimeoutError, ValueError) as error:  # ValueError: replicating to no running worker
                     raise stall_error(client, "mapping") from error
                 futures = [client.submit(function, handle, a, b, *args, pure=False) for a, b in pairs]
                 return gather(client, futures, what="mapping", done=lambda i: bar.update(pairs[i][1] - pairs[i][0]))
