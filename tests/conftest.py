@@ -213,3 +213,17 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         server.close()
+
+
+class _RaisingScheduler:
+    """A Dask scheduler that fails the test when anything is computed (flox's guard)."""
+
+    def __call__(self, dsk, keys, **kwargs):
+        pytest.fail("Dask computed something where nothing should be computed")
+
+
+def raise_if_dask_computes():
+    """Context: any Dask computation inside it fails the test."""
+    import dask
+
+    return dask.config.set(scheduler=_RaisingScheduler())

@@ -10,7 +10,7 @@ import sparse
 
 import bigcat
 from bigcat.errors import BigcatFormatError, InputNotFoundError
-from conftest import dense
+from conftest import dense, raise_if_dask_computes
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,24 @@ def test_csc_source_is_chunked_by_genes(encodings, atlas):
         dense(ds.X.data.blocks[0, 2].compute()),
         dense(atlas.X[:, sum(ds.X.data.chunks[1][:2]) :][:, : ds.X.data.chunks[1][2]]),
     )
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "sparse", "dense"])
+def test_open_select_and_reduce_are_lazy(kind, stores, atlas):
+    """open_dataset promises laziness: opening, selecting, building reductions and groupby
+    compute nothing (nothing is read from X until asked)."""
+    with raise_if_dask_computes():
+        ds = bigcat.open_dataset(stores[kind])
+        sums = ds.X.sum("cell")
+        subset = ds.isel(cell=slice(0, 10), gene=[1, 5])
+        grouped = ds.X.groupby("cluster")
+    assert sums.shape == (atlas.n_vars,)
+    assert subset.X.shape == (10, 2)
+    assert len(grouped.groups) == atlas.obs["cluster"].nunique()
+    values = sums.data.compute()
+    values = values.todense() if hasattr(values, "todense") else values
+    expected = np.asarray(dense(atlas.X).sum(axis=0), dtype=np.float64)
+    np.testing.assert_allclose(np.asarray(values, dtype=np.float64), expected, rtol=1e-6)
 
 
 def test_dense_layout_opens_with_plain_xarray(stores, atlas):

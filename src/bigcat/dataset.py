@@ -124,12 +124,11 @@ def open_dataset(
     if source.container == "zarr-dense":
         source.close()
         ds = xr.open_zarr(fs.zarr_store(path, storage_options), consolidated=True)
-        # Zarr v3 strings arrive as NumPy's StringDType; use object arrays like the sparse path
-        # 1-D annotations are small: load them, and turn Zarr v3 strings (NumPy's StringDType)
+        # 1-D annotations are small: load them here, in this thread (not as tasks on whatever
+        # scheduler or cluster is configured), and turn Zarr v3 strings (NumPy's StringDType)
         # into object arrays, so the Dataset looks like the one from a sparse source
-        return ds.assign_coords(
-            {name: coord.copy(data=_object_strings(coord.values)) for name, coord in ds.coords.items() if name != "X"}
-        )
+        loaded = {name: coord.compute(scheduler="synchronous") for name, coord in ds.coords.items() if name != "X"}
+        return ds.assign_coords({name: c.copy(data=_object_strings(c.values)) for name, c in loaded.items()})
     x = _lazy(source, chunk_nnz)
     obs, var = source.obs, source.var
     extras = _extra_variables(source, chunk_nnz)
