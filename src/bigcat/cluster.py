@@ -72,9 +72,8 @@ def local_cluster_options() -> dict[str, Any]:
     threads lose nothing to processes, while sharing one copy of the inputs and of the
     per-cluster accumulators instead of one per process, and results reach the client by
     reference instead of being pickled — a worker process would hold the result and send a
-    second copy. The worker may use 80%
-    of the machine's memory, leaving the rest to the page cache. The scheduler, dashboard
-    and diagnostics are distributed's own.
+    second copy. The worker may use 80% of the machine's memory, leaving the rest to the
+    page cache. The scheduler, dashboard and diagnostics are distributed's own.
     """
     import psutil
 
@@ -176,15 +175,17 @@ def _this_machine() -> Capacity:
     return Capacity(workers=1, threads=cores, memory=int(psutil.virtual_memory().total), present=1)
 
 
-def _all_workers(client: Any) -> dict[str, int]:
-    """``scheduler_info``'s argument for every worker (newer distributed lists 5 by default)."""
+def _workers(client: Any) -> dict[str, dict]:
+    """Every connected worker's information, by address (newer distributed's
+    ``scheduler_info`` lists 5 unless asked for all)."""
     import inspect
 
-    return {"n_workers": -1} if "n_workers" in inspect.signature(client.scheduler_info).parameters else {}
+    every = {"n_workers": -1} if "n_workers" in inspect.signature(client.scheduler_info).parameters else {}
+    return client.scheduler_info(**every).get("workers", {})
 
 
 def _workers_info(client: Any) -> list[dict]:
-    return list(client.scheduler_info(**_all_workers(client)).get("workers", {}).values())
+    return list(_workers(client).values())
 
 
 def capacity(client: Any) -> Capacity:
@@ -310,7 +311,7 @@ def spread_graph(client: Any, shared: dict, groups: list[dict], tail: dict, pin:
     """
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    addresses = sorted(client.scheduler_info(**_all_workers(client)).get("workers", {}))
+    addresses = sorted(_workers(client))
     if len(addresses) < 2:  # nothing to spread; and restricted tasks outlive their worker
         addresses = []
     layers = {"bigcat-shared": MaterializedLayer(shared)}

@@ -382,8 +382,7 @@ class _Space:
     def bounds(self, source: Any) -> np.ndarray:
         """Row blocks of about ``QUERY_BLOCK_NNZ`` values whose dense float64 rows (genes, or
         components) take at most ``WORK_BYTES``."""
-        width = self.dims if self.pca is not None else len(self.columns)
-        return source.row_bounds(QUERY_BLOCK_NNZ, max(1, WORK_BYTES // (8 * max(width, 1))))
+        return source.row_bounds(QUERY_BLOCK_NNZ, max(1, WORK_BYTES // (8 * max(self.dims, 1))))
 
     def embed(self, block: Any, path: Any) -> np.ndarray:
         x = _selected(block, self.columns, self.normalize, path)
