@@ -126,11 +126,11 @@ print(n, time.perf_counter() - t)
 """
 
 # into memory allocated as bigcat allocates its read buffers (small pages: steadier and, in
-# the median, faster to first-touch on this VM than NumPy's huge pages; see bigcat.util)
+# the median, faster to first-touch on this VM than NumPy's huge pages; see bigcat._memory)
 READ_ZARR_BIGCAT = """
 import sys, time, zarr, numpy as np
-from bigcat.store import ShardReader
-from bigcat.util import small_pages
+from bigcat._io.shards import ShardReader
+from bigcat._memory import small_pages
 t = time.perf_counter()
 x = zarr.open_group(sys.argv[1], mode="r")["X"]
 n = x["indptr"][...].nbytes
@@ -208,7 +208,7 @@ print(time.perf_counter() - t, int(ds.n_cells.sum()), ds.sizes["cluster"])
 
 KERNEL_ONLY = """
 import sys, time, threading, numpy as np, pandas as pd
-from bigcat.readers import open_source
+from bigcat._io.source import open_source
 from bigcat import kernels
 src = open_source(sys.argv[1])
 x = src.read_rows(0, src.shape[0])
@@ -460,7 +460,7 @@ def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict
 
 READ_STORE = """
 import sys, time, json, zarr
-from bigcat.fs import zarr_store
+from bigcat._io.fs import zarr_store
 url, options = sys.argv[1], json.loads(sys.argv[2])
 zarr.config.set({"async.concurrency": int(sys.argv[3])})
 x = zarr.open_group(zarr_store(url, options or None), mode="r")["X"]

@@ -294,7 +294,7 @@ WHAT = {"stats": "cluster statistics", "convert": "the parallel copy", "sample":
 def test_a_run_with_no_working_worker_ends_with_one_line(watched, tmp_path, monkeypatch, name, how):
     """Killing the last worker hung `stats` forever, and a worker paused at its memory limit
     (250 MB workers) hung every distributed path: each ends with one line now."""
-    monkeypatch.setattr(sys.modules["bigcat.cluster"], "STALL_TIMEOUT", 3.0)
+    monkeypatch.setattr(sys.modules["bigcat._scheduling"], "STALL_TIMEOUT", 3.0)
     monkeypatch.setattr(sys.modules["bigcat.sample"], "BLOCK_NNZ", 2_000)  # many small tasks
     monkeypatch.setattr(sys.modules["bigcat.mapping"], "QUERY_BLOCK_NNZ", 2_000)
     # paused at once: the pause threshold is below what a worker process takes to start

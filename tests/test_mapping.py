@@ -141,10 +141,10 @@ def test_knn_memory_is_bounded_by_its_estimate(split: dict, monkeypatch) -> None
     code held it four times over, in float32 and float64)."""
     import tracemalloc
 
-    import bigcat.mapping
+    import bigcat.neighbors
 
-    monkeypatch.setattr(bigcat.mapping, "WORK_BYTES", 1 << 20)
-    monkeypatch.setattr(bigcat.mapping, "QUERY_BLOCK_NNZ", 50_000)
+    monkeypatch.setattr(bigcat.neighbors, "WORK_BYTES", 1 << 20)
+    monkeypatch.setattr(bigcat.neighbors, "QUERY_BLOCK_NNZ", 50_000)
     query, reference = split["folder"] / "query.h5ad", split["folder"] / "reference.h5ad"
     n_ref, n_genes = split["reference"].shape
     knn(query, reference, k=5, genes=split["reference"].var_names[:10].tolist())  # imports done before tracing

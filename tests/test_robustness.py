@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import bigcat
 from bigcat.cli import killed_worker_message, main
 from bigcat.errors import BigcatInputError, BigcatOutputExistsError
 from oracles import check, oracle
+from strategies import anndata_objects
 
 SHARD = 1 << 14  # small shards: many checkpoints on a small file
 BIGCAT = [sys.executable, "-m", "bigcat"]
@@ -291,10 +291,15 @@ def test_killed_worker_names_the_step_and_the_remedy(tmp_path: Path, capsys) -> 
     labels = tmp_path / "one cluster per cell.csv"
     names = bigcat.open_dataset(source)["cell"].values
     pd.DataFrame({"cell": names, "cluster": np.arange(len(names))}).to_csv(labels, index=False)
-    # 12,000 clusters × 8,000 genes of accumulators (1.5 GB) on a worker allowed 700 MB
+    # 12,000 clusters × 8,000 genes of sums (768 MB). The plan sizes each piece to a quarter of
+    # the worker's memory limit (2 GB: two pieces of 384 MB, one per thread); the nanny is told
+    # to terminate at 30% of it (600 MB), so the pieces cannot fit whatever the timing. (With
+    # a 700 MB limit and the nanny's default 95%, the planned pieces sometimes just fit and
+    # the run succeeded: the test was flaky.)
     cluster = DaskProcesses(
-        tmp_path, n_workers=1, memory_limit="700MB", nanny=True,
-        env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"},
+        tmp_path, n_workers=1, threads=2, memory_limit="2GB", nanny=True,
+        env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+             "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE": "0.3"},
     )  # fmt: skip
     try:
         code = main(["stats", str(source), "--labels", str(labels), "--label-column", "cluster", "--cell-column",
@@ -391,30 +396,6 @@ def test_five_thousand_clusters_and_unicode_names(tmp_path: Path) -> None:
     assert list(ds["gene"].values) == genes
     assert list(ds["cell"].values[:2]) == names[:2]
     check(result, oracle(dense_of(x), labels), STATS)
-
-
-@st.composite
-def anndata_objects(draw):
-    n = draw(st.integers(1, 30))
-    g = draw(st.integers(1, 12))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dtype = draw(st.sampled_from([np.float32, np.float64, np.int32, np.int64]))
-    density = draw(st.sampled_from([0.0, 0.2, 0.7, 1.0]))
-    mask = rng.random((n, g)) < density
-    values = rng.integers(0, 5, size=(n, g)).astype(dtype)  # zeros under the mask are explicit zeros
-    x = sp.csr_matrix((values[mask], np.nonzero(mask)), shape=(n, g), dtype=dtype)
-    encoding = draw(st.sampled_from(["csr", "csc", "dense"]))
-    x = x.tocsc() if encoding == "csc" else x.toarray() if encoding == "dense" else x
-    kind = draw(st.sampled_from(["str", "int", "categorical"]))
-    codes = rng.integers(0, draw(st.integers(1, 6)), size=n)
-    if kind == "int":
-        labels = codes
-    elif kind == "str":
-        labels = np.array([f"ç{c}" for c in codes], dtype=object)
-    else:
-        labels = pd.Categorical([f"k{c}" for c in codes], categories=[f"k{c}" for c in range(8)])
-    normalize = draw(st.booleans())
-    return x, labels, normalize
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from bigcat._io.fs import is_url, path_of
+from bigcat._io.layout import DENSE_CHUNK_CELLS, SPARSE_CHUNK, SPARSE_SHARD, Layout
+from bigcat._io.sniff import output_kind
+from bigcat._io.source import BLOCK_NNZ, open_source
+from bigcat._io.writers import open_writer
+from bigcat._threads import prefetch
 from bigcat.errors import BigcatInputError
-from bigcat.fs import is_url, local
 from bigcat.progress import progress_bar
-from bigcat.readers import BLOCK_NNZ, open_source
-from bigcat.store import DENSE_CHUNK_CELLS, SPARSE_CHUNK, SPARSE_SHARD, open_writer, output_kind
-from bigcat.util import prefetch
 
 __all__ = ["convert"]
 
@@ -26,7 +28,7 @@ def convert(
     input: str | os.PathLike,  # noqa: A002 - the natural name
     output: str | os.PathLike,
     *,
-    layout: str = "sparse",
+    layout: Layout = "sparse",
     chunk_cells: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
@@ -36,7 +38,7 @@ def convert(
     resume: bool = False,
     shard_values: int = SPARSE_SHARD,
     skip: Iterable[str] = (),
-) -> Path:
+) -> Path | str:
     """Convert an AnnData file to a bigcat store (or another ``.h5ad``), row block by row block.
 
     Parameters
@@ -57,7 +59,7 @@ def convert(
     progress
         Show a progress bar; ``None``: only on a terminal.
     storage_options
-        fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat.fs`).
+        fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat._io.fs`).
     block_nnz
         Stored values read per block: memory is about ``block_nnz × 30`` bytes.
     client
@@ -66,7 +68,7 @@ def convert(
         output folder). Other inputs and layouts stream through this process.
     resume
         Continue an interrupted conversion to a ``.zarr`` output from its last recorded row
-        (see :mod:`bigcat.store`); refused if the input or the settings changed. The
+        (see :mod:`bigcat._io.checkpoints`); refused if the input or the settings changed. The
         result is byte for byte what an uninterrupted run writes. A conversion streamed
         through this process records its progress after every shard of values (or chunk
         row of the dense layout); a parallel copy on a ``client`` records none, so it
@@ -105,66 +107,34 @@ def convert(
     every row block, which would be quadratic.
     """
     output_kind(output)
-    non_finite = 0
-    for name, value in (("--chunk-cells (chunk_cells)", chunk_cells), ("block_nnz", block_nnz)):
-        if value is not None and int(value) < 1:  # 0 cells per chunk looped forever
-            msg = f"{name} must be a positive number, not {value}"
-            raise BigcatInputError(msg)
-    if shard_values < 1 or (shard_values > SPARSE_CHUNK and shard_values % SPARSE_CHUNK):
-        msg = f"shard_values must be at most {SPARSE_CHUNK} or a multiple of it, not {shard_values}"
-        raise BigcatInputError(msg)
-    from bigcat.store import refuse_input_as_output
+    _check_sizes(chunk_cells, block_nnz, shard_values)
+    from bigcat._io.publish import refuse_input_as_output
 
     refuse_input_as_output(output, [input])
+    non_finite = 0
     with open_source(input, require_marker=False, storage_options=storage_options) as source:
-        obs, var, uns = source.obs, source.var, source.uns
         elements = _elements_to_copy(source, skip, layout, output)
-        cells = chunk_cells or DENSE_CHUNK_CELLS
         with (
             open_writer(
-                output,
-                storage_options=storage_options,
-                obs=obs,
-                var=var,
-                uns=uns,
-                dtype=source.dtype,
-                layout=layout,
-                overwrite=overwrite,
-                source={"input": source.fingerprint()},
-                chunk_cells=cells,
-                resume=resume if (resume or output_kind(output) == "zarr") else None,
-                shard=shard_values,
+                output, storage_options=storage_options, obs=source.obs, var=source.var, uns=source.uns,
+                dtype=source.dtype, layout=layout, overwrite=overwrite, source={"input": source.fingerprint()},
+                chunk_cells=chunk_cells or DENSE_CHUNK_CELLS,
+                resume=resume if (resume or output_kind(output) == "zarr") else None, shard=shard_values,
             ) as writer,
             progress_bar(total=source.shape[0], unit="cells", desc="convert", enabled=progress) as bar,
-        ):
+        ):  # fmt: skip
             first = writer.rows_written
             bar.update(first)
             if client is not None and source.encoding == "csr" and hasattr(writer, "copy_csr") and not first:
-                from bigcat.cluster import capacity, check_visible, use_workers
-
-                n_tasks = -(-source.nnz // writer.shard) if source.nnz else 1
-                with use_workers(client, min(n_tasks, capacity(client).workers), what="the parallel copy"):
-                    check_visible(client, [source.path] + ([] if is_url(output) else [Path(output).resolve().parent]))
-                    bar.total, bar.unit = source.nnz, "values"
-                    writer.copy_csr(source, client, progress=lambda lo: bar.update(min(shard_values, source.nnz - lo)))
+                _copy_in_parallel(source, writer, client, output, bar)
             else:
                 if client is not None:
                     log.info("%s: %s X streams through this process (no parallel copy)", input, source.encoding)
-                # reused buffers when the writer copies each block before the producer, one
-                # block ahead, can reach its buffer again (a ring of 3)
-                blocks = source.iter_row_blocks(
-                    block_nnz, max_rows=chunk_cells, reuse=writer.copies_blocks, start=first
-                )
-                check_finite = source.dtype.kind == "f"
-                for start, stop, block in prefetch(blocks, depth=1):
-                    if check_finite:
-                        non_finite += int(block.nnz - np.count_nonzero(np.isfinite(block.data)))
-                    writer.write_rows(block)
-                    bar.update(stop - start)
+                non_finite = _stream(source, writer, block_nnz, chunk_cells, first, bar)
             if elements:
                 from bigcat.extras import copy_elements
 
-                copy_elements(source._root(), writer.group, elements, block_values=block_nnz, path=input)  # noqa: SLF001
+                copy_elements(source.root(), writer.group, elements, block_values=block_nnz, path=input)
         log.info("converted %s (%d × %d, %d values) to %s", input, *source.shape, writer.nnz_written, output)
     if non_finite:
         log.warning(
@@ -173,17 +143,51 @@ def convert(
             input,
             non_finite,
         )
-    return str(output) if is_url(output) else local(output)
+    return path_of(output)
+
+
+def _check_sizes(chunk_cells: int | None, block_nnz: int, shard_values: int) -> None:
+    for name, value in (("--chunk-cells (chunk_cells)", chunk_cells), ("block_nnz", block_nnz)):
+        if value is not None and int(value) < 1:  # 0 cells per chunk looped forever
+            msg = f"{name} must be a positive number, not {value}"
+            raise BigcatInputError(msg)
+    if shard_values < 1 or (shard_values > SPARSE_CHUNK and shard_values % SPARSE_CHUNK):
+        msg = f"shard_values must be at most {SPARSE_CHUNK} or a multiple of it, not {shard_values}"
+        raise BigcatInputError(msg)
+
+
+def _copy_in_parallel(source: Any, writer: Any, client: Any, output: Any, bar: Any) -> None:
+    """A CSR X copied shard by shard as tasks on ``client`` (see :mod:`bigcat._io.copy`)."""
+    from bigcat.cluster import capacity, check_visible, use_workers
+
+    n_tasks = -(-source.nnz // writer.shard) if source.nnz else 1
+    with use_workers(client, min(n_tasks, capacity(client).workers), what="the parallel copy"):
+        check_visible(client, [source.path] + ([] if is_url(output) else [Path(output).resolve().parent]))
+        bar.total, bar.unit = source.nnz, "values"
+        writer.copy_csr(source, client, progress=lambda lo: bar.update(min(writer.shard, source.nnz - lo)))
+
+
+def _stream(source: Any, writer: Any, block_nnz: int, chunk_cells: int | None, first: int, bar: Any) -> int:
+    """X streamed through this process from row ``first``, the next block read while one is
+    written; returns the number of non-finite values met."""
+    # reused buffers when the writer copies each block before the producer, one block
+    # ahead, can reach its buffer again (a ring of 3)
+    blocks = source.iter_row_blocks(block_nnz, max_rows=chunk_cells, reuse=writer.copies_blocks, start=first)
+    check_finite = source.dtype.kind == "f"
+    non_finite = 0
+    for start, stop, block in prefetch(blocks, depth=1):
+        if check_finite:
+            non_finite += int(block.nnz - np.count_nonzero(np.isfinite(block.data)))
+        writer.write_rows(block)
+        bar.update(stop - start)
+    return non_finite
 
 
 def _elements_to_copy(source: Any, skip: Iterable[str], layout: str, output: Any) -> list:
     """What besides X, obs, var and uns goes to the output; refused for the dense layout."""
-    from bigcat.extras import find_elements, select_elements
+    from bigcat.extras import select_elements
 
-    if source.container == "zarr-dense":
-        select_elements([], skip, path=source.path)
-        return []
-    elements = select_elements(find_elements(source._root()), skip, path=source.path)  # noqa: SLF001
+    elements = select_elements(source.elements(), skip, path=source.path)
     if elements and layout == "dense" and output_kind(output) == "zarr":
         names = ", ".join(e.name for e in elements)
         slots = ",".join(dict.fromkeys(e.name.split("/")[0] for e in elements))

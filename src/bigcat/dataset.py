@@ -3,7 +3,7 @@
 Whatever the source (``.h5ad``, the sparse Zarr layout, the dense Zarr layout), the
 Dataset looks the same: variable ``X(cell, gene)`` backed by Dask, coordinates ``cell``
 and ``gene`` (names), every obs column as a coordinate on ``cell`` and every var column as
-a coordinate on ``gene`` (see :func:`bigcat.store.coord_names` for clashes). Categorical
+a coordinate on ``gene`` (see :func:`bigcat._io.annotations.coord_names` for clashes). Categorical
 columns become arrays of their values, with ``attrs["categorical"]`` holding the
 categories, so ``ds.groupby("cluster")`` works directly.
 """
@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bigcat._io.annotations import annotation_coords, frame_from_coords, object_strings
+from bigcat._io.source import BLOCK_NNZ, MatrixSource, open_source
 from bigcat.errors import BigcatFormatError, InputNotFoundError
-from bigcat.readers import BLOCK_NNZ, MatrixSource, open_source
-from bigcat.store import _xarray_coords, coord_names
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import xarray as xr
 
 __all__ = ["open_dataset", "to_anndata"]
 
@@ -45,7 +49,7 @@ class _LazyX:
         r0, r1, _ = rows.indices(self.shape[0])
         c0, c1, _ = cols.indices(self.shape[1])
         if source.encoding == "dense":
-            return np.asarray(source._root()[source.element][r0:r1, c0:c1])  # noqa: SLF001 - same package
+            return np.asarray(source.root()[source.element][r0:r1, c0:c1])
         if source.encoding == "csr":
             block = source.read_rows(r0, r1)
             if (c0, c1) != (0, self.shape[1]):
@@ -63,7 +67,7 @@ def open_dataset(
     chunk_nnz: int = BLOCK_NNZ,
     require_marker: bool = True,
     storage_options: dict | None = None,
-) -> Any:
+) -> xr.Dataset | pd.DataFrame:
     """Open ``path`` lazily as an ``xarray.Dataset`` (or a ``.parquet`` table as a DataFrame).
 
     Parameters
@@ -76,9 +80,9 @@ def open_dataset(
         ~8M values ≈ 100 MB per chunk in memory.
     require_marker
         Refuse Zarr stores without bigcat's completion marker (see
-        :func:`bigcat.readers.open_source`).
+        :func:`bigcat._io.source.open_source`).
     storage_options
-        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat._io.fs`).
 
     Returns
     -------
@@ -108,9 +112,9 @@ def open_dataset(
     """
     import xarray as xr
 
-    from bigcat import fs
+    from bigcat._io import fs
 
-    path = str(path) if fs.is_url(path) else fs.local(path)
+    path = fs.path_of(path)
     if fs.suffix_of(path) == ".parquet":
         if not fs.exists(path, storage_options):
             msg = f"{path}: no such file or directory"
@@ -121,25 +125,19 @@ def open_dataset(
             msg = f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})"
             raise BigcatFormatError(msg) from error
     source = open_source(path, require_marker=require_marker, storage_options=storage_options)
-    if source.container == "zarr-dense":
+    if source.dense_layout:
         source.close()
         ds = xr.open_zarr(fs.zarr_store(path, storage_options), consolidated=True)
         # 1-D annotations are small: load them here, in this thread (not as tasks on whatever
         # scheduler or cluster is configured), and turn Zarr v3 strings (NumPy's StringDType)
         # into object arrays, so the Dataset looks like the one from a sparse source
         loaded = {name: coord.compute(scheduler="synchronous") for name, coord in ds.coords.items() if name != "X"}
-        return ds.assign_coords({name: c.copy(data=_object_strings(c.values)) for name, c in loaded.items()})
+        return ds.assign_coords({name: c.copy(data=object_strings(c.values)) for name, c in loaded.items()})
     x = _lazy(source, chunk_nnz)
     obs, var = source.obs, source.var
     extras = _extra_variables(source, chunk_nnz)
     source.close()
-    obs_names, var_names = coord_names(list(obs.columns), list(var.columns))
-    coords = {
-        "cell": ("cell", np.asarray(obs.index.astype(str), dtype=object)),
-        "gene": ("gene", np.asarray(var.index.astype(str), dtype=object)),
-        **_xarray_coords(obs, obs_names, "cell"),
-        **_xarray_coords(var, var_names, "gene"),
-    }
+    coords, _ = annotation_coords(obs, var)
     variables = {"X": (("cell", "gene"), x)}
     for name, (dims, array, extra_coords) in extras.items():
         variables[name] = (dims, array)
@@ -155,10 +153,10 @@ def _lazy(source: MatrixSource, chunk_nnz: int) -> Any:
 
     n_cells, n_genes = source.shape
     if source.encoding == "csc":
-        from bigcat.readers import block_bounds
+        from bigcat._io.source import block_bounds
 
         bounds = block_bounds(source.indptr, chunk_nnz)
-        chunks = ((n_cells,), tuple(int(n) for n in np.diff(bounds)) or (0,))
+        chunks: tuple[tuple[int, ...], ...] = ((n_cells,), tuple(int(n) for n in np.diff(bounds)) or (0,))
     else:
         bounds = source.row_bounds(chunk_nnz)
         chunks = (tuple(int(n) for n in np.diff(bounds)) or (0,), (n_genes,))
@@ -181,13 +179,9 @@ def _extra_variables(source: MatrixSource, chunk_nnz: int) -> dict[str, tuple]:
     ``varm/<k>`` as ``varm.<k>(gene, varm.<k>_dim)`` and ``raw/X`` as ``raw.X(cell, raw_gene)``:
     the two-dimensional numeric matrices of the file, lazily (data frames, ``obsp``/``varp``,
     whose two dimensions are one, and the elements of anndata < 0.7 files are left out)."""
-    from bigcat.extras import find_elements
-
-    if source.container == "zarr-dense":
-        return {}
     out: dict[str, tuple] = {}
     n_cells, n_genes = source.shape
-    for element in find_elements(source._root()):  # noqa: SLF001 - same package
+    for element in source.elements():
         slot, _, key = element.name.partition("/")
         if slot not in ("layers", "obsm", "varm", "raw") or element.kind not in ("dense", "sparse", "raw"):
             continue
@@ -208,7 +202,7 @@ def _extra_variables(source: MatrixSource, chunk_nnz: int) -> dict[str, tuple]:
         elif slot in ("obsm", "varm") and matrix.shape[0] == (n_cells if slot == "obsm" else n_genes):
             out[name] = (("cell" if slot == "obsm" else "gene", f"{name}_dim"), array, {})
         elif slot == "raw" and matrix.shape[0] == n_cells:
-            genes = _raw_gene_names(source._root(), matrix.shape[1])  # noqa: SLF001
+            genes = _raw_gene_names(source.root(), matrix.shape[1])
             out[name] = (("cell", "raw_gene"), array, {"raw_gene": ("raw_gene", genes)})
     return out
 
@@ -229,20 +223,16 @@ def _raw_gene_names(root: Any, n: int) -> np.ndarray:
     return np.asarray([str(i) for i in range(n)], dtype=object)
 
 
-def _object_strings(values: np.ndarray) -> np.ndarray:
-    return values.astype(object) if values.dtype.kind in ("T", "U") else values
-
-
 def _token(source: MatrixSource) -> str:
     from dask.base import tokenize
 
-    if source.url:
+    if isinstance(source.path, str):  # a URL
         return tokenize(source.fingerprint())
     stat = source.path.stat()
     return tokenize(str(source.path.resolve()), stat.st_mtime_ns, stat.st_size, source.shape)
 
 
-def to_anndata(ds: Any) -> Any:
+def to_anndata(ds: xr.Dataset) -> ad.AnnData:
     """Load a Dataset from :func:`open_dataset` into memory as an ``anndata.AnnData``.
 
     X becomes a SciPy CSR matrix for sparse chunks (a NumPy array for dense ones); obs and
@@ -261,16 +251,5 @@ def to_anndata(ds: Any) -> Any:
         x = sp.vstack(rows, format="csr") if rows else sp.csr_matrix(ds.X.shape, dtype=ds.X.dtype)
     else:
         x = np.asarray(blocks.compute())
-    frames = {}
-    for dim in ("cell", "gene"):
-        columns = {}
-        for name, coord in ds.coords.items():
-            if name == dim or coord.dims != (dim,):
-                continue
-            values = _object_strings(coord.values)
-            categorical = coord.attrs.get("categorical")
-            if categorical is not None:
-                values = pd.Categorical(values, categories=categorical["categories"], ordered=categorical["ordered"])
-            columns[name] = values
-        frames[dim] = pd.DataFrame(columns, index=pd.Index(_object_strings(ds[dim].values), dtype=object))
+    frames = {dim: frame_from_coords(ds, dim) for dim in ("cell", "gene")}
     return ad.AnnData(X=x, obs=frames["cell"], var=frames["gene"])

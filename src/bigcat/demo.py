@@ -72,7 +72,7 @@ def run_demo(
         f"{sorted(dense_ds.coords) == sorted(ds.coords)}"
     )
     step(f"cluster statistics (log2 CPM, blocks engine) of {paths['sparse']}")
-    from bigcat.readers import open_source
+    from bigcat._io.source import open_source
     from bigcat.stats import cluster_stats, write_stats
 
     result = cluster_stats(paths["sparse"], by="cluster", stats=("means", "present", "sqr_means"), normalize="log2cpm")

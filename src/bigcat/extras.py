@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bigcat._io.annotations import is_array as _is_array
 from bigcat.errors import BigcatFormatError, BigcatInputError
-from bigcat.readers import _is_array
-from bigcat.store import _is_zarr
 
 __all__ = ["SLOTS", "Element", "copy_elements", "find_elements", "select_elements"]
 
@@ -152,7 +151,7 @@ def _new_array(group: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -
     _replace(group, name)
     chunks = _chunks(shape)
     if _is_zarr(group):
-        from bigcat.store import sparse_compressors
+        from bigcat._io.layout import sparse_compressors
 
         return group.create_array(
             name, shape=shape, dtype=dtype, chunks=chunks, compressors=sparse_compressors(), fill_value=0
@@ -191,7 +190,11 @@ def _copy_array(source: Any, group: Any, name: str, block_values: int, field: st
 
 
 def _copy_sparse(source: Any, group: Any, name: str, block_values: int) -> None:
-    kind, shape = _sparse_format(source)
+    found = _sparse_format(source)
+    if found is None:  # callers copy sparse elements only
+        msg = f"{getattr(source, 'name', source)}: not a CSR/CSC matrix"
+        raise ValueError(msg)
+    kind, shape = found
     _replace(group, name)
     target = _group(group, name, kind)
     target.attrs["shape"] = [int(shape[0]), int(shape[1])]
@@ -304,3 +307,7 @@ def copy_elements(
             copied.append(element.name)
             log.info("%s: copied %s %s", path, element.name, "×".join(map(str, element.shape)) or "")
     return copied
+
+
+def _is_zarr(group: Any) -> bool:
+    return type(group).__module__.startswith("zarr")

@@ -3,8 +3,8 @@
 One pass over a block's stored values accumulates every requested statistic at once into
 per-cluster × gene accumulators. Rows are visited grouped by cluster (a counting sort of
 the block's rows), so one cluster's accumulator rows stay in cache while its cells are
-processed; measured on this kind of machine that is 3–5× faster than visiting rows in
-storage order when there are thousands of clusters (``shared/notes/kernel-measurements.md``).
+processed, which with thousands of clusters is much faster than visiting rows in storage
+order (docs/design.md, "The kernel").
 
 Conventions shared by the kernels
 ---------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ def precompute_stats(
     progress: bool | None = False,
     overwrite: bool = False,
     storage_options: dict | None = None,
-) -> str:
+) -> Path | str:
     """Write MapMyCells' ``precomputed_stats.h5`` for ``data`` in one pass over the cells.
 
     Parameters
@@ -210,12 +211,12 @@ def _check_tree(pairs: pd.DataFrame, level: str, where: str) -> None:
 
 
 def _read_taxonomy(taxonomy: Any, levels: list[str], storage_options: dict | None) -> pd.DataFrame:
-    from bigcat import fs
+    from bigcat._io import fs
 
     if isinstance(taxonomy, pd.DataFrame):
         table = taxonomy
     else:
-        path = str(taxonomy) if fs.is_url(taxonomy) else fs.local(taxonomy)
+        path = fs.path_of(taxonomy)
         if not fs.exists(path, storage_options):
             msg = f"{path}: no such file or directory"
             raise BigcatInputError(msg)
@@ -289,7 +290,7 @@ def write_mapmycells(
     ge1: Any = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
-) -> str:
+) -> Path | str:
     """Write a statistics result as MapMyCells' ``precomputed_stats.h5``.
 
     Parameters
@@ -317,8 +318,8 @@ def write_mapmycells(
     """
     import h5py
 
-    from bigcat import fs
-    from bigcat.store import publish
+    from bigcat._io import fs
+    from bigcat._io.publish import publish
 
     if "sums" not in ds:
         msg = "MapMyCells statistics need the 'sums' accumulator (compute means or sums)"
@@ -332,7 +333,7 @@ def write_mapmycells(
     counts = {name: _counts(ds, name) for name in PRESENCE}
     if ge1 is not None and counts["ge1"] is None:
         counts["ge1"] = np.asarray(ge1.sel(cluster=ds["cluster"].values)["present_counts"].values)
-    target = str(path) if fs.is_url(path) else fs.local(path)
+    target = fs.path_of(path)
     with (
         publish(target, overwrite=overwrite, storage_options=storage_options, kind="file") as tmp,
         h5py.File(tmp, "w") as f,
@@ -357,7 +358,7 @@ def write_mapmycells(
 
 def _matrix(f: Any, name: str, values: Any, dtype: Any) -> None:
     """A clusters × genes dataset, contiguous (as cell_type_mapper writes them; HDF5 chunks
-    made writing 5× slower), filled in 64 MB slabs of clusters (no full-size temporary of
+    made writing slower: docs/design.md), filled in 64 MB slabs of clusters (no full-size temporary of
     another dtype: the counts are uint16 in memory, int64 in the file)."""
     values = values.variable if hasattr(values, "variable") else values
     shape = tuple(values.shape)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -232,16 +233,18 @@ def markers(
     return pd.concat(frames, ignore_index=True)[columns]
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike, *, overwrite: bool = False, storage_options=None) -> Any:
+def write_table(
+    table: pd.DataFrame, path: str | os.PathLike, *, overwrite: bool = False, storage_options: dict | None = None
+) -> Path | str:
     """Write a table to ``.csv`` or ``.parquet``, atomically."""
-    from bigcat import fs
-    from bigcat.store import publish
+    from bigcat._io import fs
+    from bigcat._io.publish import publish
 
     suffix = fs.suffix_of(path)
     if suffix not in (".csv", ".parquet"):
         msg = f"{path}: unknown table type {suffix or '(none)'!r}; use .csv or .parquet"
         raise BigcatInputError(msg)
-    target = str(path) if fs.is_url(path) else fs.local(path)
+    target = fs.path_of(path)
     frame = table.copy()
     for column in ("cluster", "runner_up"):
         if column in frame:

@@ -23,13 +23,19 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bigcat._io.fs import name_of
 from bigcat.errors import BigcatInputError
-from bigcat.fs import name_of
 from bigcat.marker_genes import load_stats, log_means, lookup, markers
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
 
 __all__ = [
     "PlotLayout",
@@ -130,7 +136,7 @@ def plot_layouts(
         columns = lookup(gene_labels, genes, "gene", source)
         feature_columns = columns
     else:
-        if markers_per_cluster < 1:
+        if markers_per_cluster is None or markers_per_cluster < 1:
             msg = f"--markers must be at least 1, not {markers_per_cluster}"
             raise BigcatInputError(msg)
         marker_table = markers(ds, top=markers_per_cluster, clusters=[labels[r] for r in rows], scale=scale)
@@ -189,6 +195,7 @@ def plot_layout(stats: Any, genes: Sequence[str] | None = None, *, page: int = 0
 
 
 def _figure(width: float, height: float) -> Any:
+
     from matplotlib.figure import Figure
 
     return Figure(figsize=(min(width, 200.0), min(height, 200.0)), layout="constrained")
@@ -228,7 +235,7 @@ def dotplot(
     title: str | None = None,
     scale: str | None = None,
     storage_options: dict | None = None,
-) -> Any:
+) -> Figure:
     """A dot plot: a dot per cluster × gene, area ∝ fraction present, colour = mean.
 
     Parameters
@@ -269,7 +276,7 @@ def dotplot_pages(
     scale: str | None = None,
     storage_options: dict | None = None,
     **style: Any,
-) -> Iterator[Any]:
+) -> Iterator[Figure]:
     """Every page of :func:`dotplot`, one figure at a time (the selection is computed once)."""
     for layout in plot_layouts(
         stats, genes, markers_per_cluster=markers, clusters=clusters, order=order, per_page=per_page,
@@ -284,7 +291,7 @@ def _draw_dotplot(
     max_dot_size: float = 120.0,
     cmap: str = "Reds",
     title: str | None = None,
-) -> Any:
+) -> Figure:
     if layout.present is None:
         msg = f"{layout.source}: a dot plot needs the 'present' statistic (compute it with --stats means,present)"
         raise BigcatInputError(msg)
@@ -352,7 +359,7 @@ def heatmap(
     title: str | None = None,
     scale: str | None = None,
     storage_options: dict | None = None,
-) -> Any:
+) -> Figure:
     """A heatmap of cluster means: clusters as rows, genes as columns.
 
     Parameters
@@ -389,7 +396,7 @@ def heatmap_pages(
     scale: str | None = None,
     storage_options: dict | None = None,
     **style: Any,
-) -> Iterator[Any]:
+) -> Iterator[Figure]:
     """Every page of :func:`heatmap`, one figure at a time (the selection is computed once)."""
     for layout in plot_layouts(
         stats, genes, markers_per_cluster=markers, clusters=clusters, order=order, per_page=per_page,
@@ -400,7 +407,7 @@ def heatmap_pages(
 
 def _draw_heatmap(
     layout: PlotLayout, standard_scale: str | None = None, cmap: str | None = None, title: str | None = None
-) -> Any:
+) -> Figure:
     values = _scaled(layout.means, standard_scale)
     n_rows, n_cols = values.shape
     width = 3.0 + min(0.22 * n_cols, 40) + 0.07 * max(map(len, layout.cluster_names))
@@ -425,7 +432,7 @@ def _draw_heatmap(
 
 def check_format(path: str | os.PathLike) -> str:
     """The figure format ``path`` names (``.png``, ``.svg``, ``.pdf``), or a clear error."""
-    from bigcat import fs
+    from bigcat._io import fs
 
     suffix = fs.suffix_of(path)
     if suffix not in FORMATS:
@@ -440,13 +447,15 @@ def _version() -> str:
     return __version__
 
 
-def save(fig: Any, path: str | os.PathLike, *, overwrite: bool = False, storage_options: dict | None = None) -> Any:
+def save(
+    fig: Figure, path: str | os.PathLike, *, overwrite: bool = False, storage_options: dict | None = None
+) -> Path | str:
     """Write ``fig`` to ``path`` (``.png``, ``.svg`` or ``.pdf``, from the suffix), atomically."""
-    from bigcat import fs
-    from bigcat.store import publish
+    from bigcat._io import fs
+    from bigcat._io.publish import publish
 
     suffix = check_format(path)
-    target = str(path) if fs.is_url(path) else fs.local(path)
+    target = fs.path_of(path)
     with publish(target, overwrite=overwrite, storage_options=storage_options, kind="file") as tmp:
         software = {"png": "Software", "svg": "Creator", "pdf": "Creator"}[suffix[1:]]
         fig.savefig(tmp, format=suffix[1:], dpi=120, metadata={software: f"bigcat {_version()}"})

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bigcat._io.fs import path_of
+from bigcat._io.layout import Layout
+from bigcat._io.sniff import output_kind
+from bigcat._io.source import BLOCK_NNZ, MatrixSource, open_source
+from bigcat._io.writers import open_writer
+from bigcat._threads import prefetch
 from bigcat.errors import BigcatInputError
-from bigcat.fs import is_url, local
 from bigcat.progress import progress_bar
-from bigcat.readers import BLOCK_NNZ, MatrixSource, open_source
-from bigcat.store import open_writer, output_kind
-from bigcat.util import prefetch
 
 __all__ = ["choose_cells", "choose_genes", "sample"]
 
@@ -102,12 +104,12 @@ def sample(
     max_cells_per_cluster: int | None = None,
     by: str = "cluster",
     seed: int = 0,
-    layout: str = "sparse",
+    layout: Layout = "sparse",
     overwrite: bool = False,
     progress: bool | None = None,
     storage_options: dict | None = None,
     client: Any = None,
-) -> Path:
+) -> Path | str:
     """Write a random subset of the cells and genes of ``input`` to ``output``.
 
     Parameters
@@ -136,7 +138,7 @@ def sample(
     progress
         Progress bar; ``None``: only on a terminal.
     storage_options
-        fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat.fs`).
+        fsspec options for URL inputs/outputs (``s3://…``; see :mod:`bigcat._io.fs`).
     client
         A ``distributed.Client``: row blocks are read and subset by the workers (a few
         blocks in flight per worker thread) and written here, in order. CSC inputs stream
@@ -160,7 +162,7 @@ def sample(
             raise BigcatInputError(msg)
         cells = genes = math.sqrt(_check_fraction("--fraction", fraction))
     rng = np.random.default_rng(seed)
-    from bigcat.store import refuse_input_as_output
+    from bigcat._io.publish import refuse_input_as_output
 
     refuse_input_as_output(output, [input])
     with open_source(input, storage_options=storage_options) as source:
@@ -202,7 +204,7 @@ def sample(
             for part in parts:
                 writer.write_rows(part)
                 bar.update(part.shape[0])
-    return str(output) if is_url(output) else local(output)
+    return path_of(output)
 
 
 def _subset(block: Any, start: int, rows: np.ndarray, genes: np.ndarray | None) -> Any:
@@ -224,7 +226,8 @@ def _parts_on_cluster(source: MatrixSource, rows: np.ndarray, genes: np.ndarray 
     """Subset blocks computed by the workers, yielded in row order with a bounded number in flight."""
     from collections import deque
 
-    from bigcat.cluster import capacity, check_visible, gather, use_workers
+    from bigcat._scheduling import gather
+    from bigcat.cluster import capacity, check_visible, use_workers
 
     bounds = source.row_bounds(BLOCK_NNZ)
     cap = capacity(client)  # what the cluster will have, not only what has joined yet
@@ -261,11 +264,7 @@ def _blocks_with(source: MatrixSource, rows: np.ndarray):
 
 def _say_what_stays_out(source: MatrixSource) -> None:
     """One line naming the elements besides X, obs, var and uns a sample leaves out."""
-    from bigcat.extras import find_elements
-
-    if source.container == "zarr-dense":
-        return
-    elements = find_elements(source._root())  # noqa: SLF001 - same package
+    elements = source.elements()
     if elements:
         names = ", ".join(e.name for e in elements[:12]) + (" …" if len(elements) > 12 else "")
         log.warning("%s: the sample holds X, obs, var and uns; not copied: %s", source.path, names)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bigcat._io.layout import Layout
 from bigcat.errors import BigcatInputError
 
 __all__ = ["SynthModel", "make_model", "synth", "synth_batches"]
@@ -155,6 +156,50 @@ def default_nnz_per_cell(n_genes: int) -> float:
     return float(min(DEFAULT_NNZ_PER_CELL, n_genes * DEFAULT_NNZ_PER_CELL / WHOLE_TRANSCRIPTOME))
 
 
+def _check_size(n_cells: int, n_genes: int, n_clusters: int, nnz_per_cell: float | None) -> float:
+    """The non-zeros per cell to aim at, once the sizes are checked."""
+    if n_cells < 0 or n_genes < 1 or n_clusters < 1:
+        msg = f"synth: need cells ≥ 0, genes ≥ 1 and clusters ≥ 1 (got {n_cells}, {n_genes}, {n_clusters})"
+        raise BigcatInputError(msg)
+    if nnz_per_cell is None:
+        nnz_per_cell = default_nnz_per_cell(n_genes)
+    if not 0 < nnz_per_cell < n_genes:
+        msg = (
+            f"synth: --nnz-per-cell must be between 1 and the number of genes - 1 "
+            f"(got {nnz_per_cell:g} for {n_genes} genes)"
+        )
+        raise BigcatInputError(msg)
+    return nnz_per_cell
+
+
+def _calibrate(
+    baseline: np.ndarray, dispersion: np.ndarray, log_lib_sd: float, nnz_per_cell: float
+) -> tuple[float, np.ndarray]:
+    """The log-median library size giving ``nnz_per_cell`` non-zeros, and which genes get the
+    full gamma-Poisson draw.
+
+    Genes whose mean in a median cell reaches 0.5 get the full gamma-Poisson draw; for the
+    others NB and Poisson barely differ (P(0) within a few %), and the Poisson part is drawn
+    sparsely. The split depends on the library size, which is calibrated on the split: two
+    rounds of fixed-point iteration settle it.
+    """
+    theta = dispersion.copy()
+    log_lib_mean = 0.0
+    is_top = np.ones(len(baseline), dtype=bool)
+    for _ in range(3):
+        lo, hi = -5.0, 30.0  # bisection on the log-median library size
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if _expected_nnz(mid, log_lib_sd, baseline, theta) < nnz_per_cell:
+                lo = mid
+            else:
+                hi = mid
+        log_lib_mean = 0.5 * (lo + hi)
+        is_top = baseline * np.exp(log_lib_mean) >= 0.5
+        theta = np.where(is_top, dispersion, 1e9)
+    return log_lib_mean, is_top
+
+
 def make_model(
     n_cells: int,
     n_genes: int,
@@ -186,17 +231,7 @@ def make_model(
     SynthModel
         Parameters and per-cell labels; memory O(n_cells + n_genes + n_clusters × n_markers).
     """
-    if n_cells < 0 or n_genes < 1 or n_clusters < 1:
-        msg = f"synth: need cells ≥ 0, genes ≥ 1 and clusters ≥ 1 (got {n_cells}, {n_genes}, {n_clusters})"
-        raise BigcatInputError(msg)
-    if nnz_per_cell is None:
-        nnz_per_cell = default_nnz_per_cell(n_genes)
-    if not 0 < nnz_per_cell < n_genes:
-        msg = (
-            f"synth: --nnz-per-cell must be between 1 and the number of genes - 1 "
-            f"(got {nnz_per_cell:g} for {n_genes} genes)"
-        )
-        raise BigcatInputError(msg)
+    nnz_per_cell = _check_size(n_cells, n_genes, n_clusters, nnz_per_cell)
     rng = np.random.default_rng(seed)
     baseline = rng.lognormal(0.0, 2.0, n_genes)
     baseline /= baseline.sum()
@@ -214,24 +249,7 @@ def make_model(
     norm = 1.0 + (baseline[markers] * (folds - 1.0)).sum(axis=1)
 
     log_lib_sd = 0.6
-    # genes whose mean in a median cell reaches 0.5 get the full gamma-Poisson draw; for
-    # the others NB and Poisson barely differ (P(0) within a few %), and the Poisson part
-    # is drawn sparsely. The split depends on the library size, which is calibrated on
-    # the split: two rounds of fixed-point iteration settle it.
-    theta = dispersion.copy()
-    log_lib_mean = 0.0
-    is_top = np.ones(n_genes, dtype=bool)
-    for _ in range(3):
-        lo, hi = -5.0, 30.0  # bisection on the log-median library size
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if _expected_nnz(mid, log_lib_sd, baseline, theta) < nnz_per_cell:
-                lo = mid
-            else:
-                hi = mid
-        log_lib_mean = 0.5 * (lo + hi)
-        is_top = baseline * np.exp(log_lib_mean) >= 0.5
-        theta = np.where(is_top, dispersion, 1e9)
+    log_lib_mean, is_top = _calibrate(baseline, dispersion, log_lib_sd, nnz_per_cell)
     top_genes = np.flatnonzero(is_top).astype(np.int32)
     low_genes = np.flatnonzero(~is_top).astype(np.int32)
     if len(low_genes) == 0:  # tiny gene sets: keep one dummy low gene of zero mass
@@ -418,11 +436,11 @@ def synth(
     n_clusters: int = 50,
     nnz_per_cell: float | None = None,
     seed: int = 0,
-    layout: str = "sparse",
+    layout: Layout = "sparse",
     overwrite: bool = False,
     progress: bool | None = None,
     storage_options: dict | None = None,
-) -> Path:
+) -> Path | str:
     """Write a synthetic atlas of raw counts to ``path`` (``.h5ad`` or ``.zarr``).
 
     Parameters
@@ -442,7 +460,7 @@ def synth(
     progress
         Show a progress bar; ``None`` shows it on a terminal only.
     storage_options
-        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat._io.fs`).
 
     Returns
     -------
@@ -460,8 +478,8 @@ def synth(
     >>> import bigcat
     >>> bigcat.synth("atlas.h5ad", n_cells=1000, n_genes=2000, n_clusters=10)  # doctest: +SKIP
     """
+    from bigcat._io.writers import open_writer
     from bigcat.progress import progress_bar
-    from bigcat.store import open_writer
 
     if nnz_per_cell is None:
         nnz_per_cell = default_nnz_per_cell(n_genes)

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import bigcat
+from bigcat._io.publish import written_by_bigcat
 from bigcat.errors import BigcatError
-from bigcat.store import written_by_bigcat
 
 
 def _bigcat(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

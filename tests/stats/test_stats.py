@@ -20,7 +20,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import bigcat
 from bigcat.cluster import Capacity
@@ -33,6 +32,7 @@ from bigcat.stats import plan as plan_module
 from bigcat.stats.statistics import _Settings
 from conftest import dense
 from oracles import check, oracle
+from strategies import problems
 
 ALL = ",".join(STATISTICS)
 
@@ -45,31 +45,6 @@ def write_h5ad(path: Path, x, labels, **obs) -> Path:
         warnings.simplefilter("ignore")
         ad.AnnData(X=x, obs=frame, var=var).write_h5ad(path)
     return path
-
-
-@st.composite
-def problems(draw):
-    n = draw(st.integers(1, 40))
-    g = draw(st.integers(1, 25))
-    n_labels = draw(st.sampled_from([1, 2, 7, 300]))
-    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    normalize = draw(st.booleans())
-    mask = rng.random((n, g)) < density
-    values = rng.integers(0, 6, size=(n, g)).astype(np.float32)  # includes explicit zeros where masked
-    if not normalize and draw(st.booleans()):
-        values -= 2.5  # negative values
-    x = sp.csr_matrix((values[mask], np.nonzero(mask)), shape=(n, g))
-    labels = rng.integers(0, n_labels, size=n).astype(object)
-    labels = np.array([f"k{v}" for v in labels], dtype=object)
-    labels[rng.random(n) < 0.15] = None  # unlabelled cells are excluded
-    if all(v is None for v in labels):
-        labels[0] = "k0"
-    threshold = draw(st.sampled_from([0.0, 1.0, -1.0]))
-    op = draw(st.sampled_from(["gt", "ge"]))
-    block_nnz = draw(st.sampled_from([1, 3, 50, 10_000]))
-    counts = draw(st.sampled_from(["uint16", "int32"]))  # the count accumulators' dtype
-    return x, labels, threshold, op, normalize, block_nnz, counts
 
 
 def stats_of(path: Path, threshold: float, op: str, normalize: bool, **options):
@@ -334,7 +309,7 @@ def test_non_finite_entries_are_counted_slab_by_slab():
 def test_release_free_memory_runs_on_linux_without_a_child_process(monkeypatch):
     import subprocess
 
-    from bigcat.util import release_free_memory
+    from bigcat._memory import release_free_memory
 
     def no_children(*args, **kwargs):
         msg = f"a child process was started: {args}"

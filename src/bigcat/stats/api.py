@@ -7,13 +7,14 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from bigcat._memory import PageArena
 from bigcat.errors import BigcatInputError
-from bigcat.stats.blocks import _blocks, _NegativeValuesError, zeros
+from bigcat.stats.blocks import _blocks
 from bigcat.stats.formats import _runs, read_stats
 from bigcat.stats.groupby import _groupby
 from bigcat.stats.inputs import _open_parts, _Part, _refuse_shared_cells
@@ -36,7 +37,12 @@ from bigcat.stats.statistics import (
     extra_present_names,
     statistic,
 )
-from bigcat.util import PageArena
+from bigcat.stats.tasks import _NegativeValuesError, zeros
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["cluster_stats", "merge_stats"]
 
 log = logging.getLogger("bigcat")
 
@@ -64,7 +70,7 @@ def cluster_stats(
     storage_options: dict | None = None,
     allow_duplicate_cells: bool = False,
     _membership: dict | None = None,
-) -> Any:
+) -> xr.Dataset:
     """Per-cluster × gene statistics of a cell-by-gene matrix, out of core.
 
     Parameters
@@ -123,7 +129,7 @@ def cluster_stats(
     progress
         Show a progress bar (``None``: only on a terminal).
     storage_options
-        fsspec options for URL inputs and label tables (``s3://…``; see :mod:`bigcat.fs`).
+        fsspec options for URL inputs and label tables (``s3://…``; see :mod:`bigcat._io.fs`).
     allow_duplicate_cells
         Several inputs sharing cell names are refused (the same cells given twice would be
         counted twice) unless this is true.
@@ -328,7 +334,7 @@ def _result(
     stats: Sequence[str],
     attrs: dict,
     spare: PageArena | None = None,
-) -> Any:
+) -> xr.Dataset:
     import xarray as xr
 
     acc = dict(acc)
@@ -339,7 +345,7 @@ def _result(
             acc[f"present_counts_{name}"] = extra[:, t, :]
     extra_stats = tuple(f"present_{name}" for name in tests if f"present_counts_{name}" in acc)
     derived = _derive(acc, n_cells, (*stats, *extra_stats), spare)
-    variables = {"n_cells": (("cluster",), np.asarray(n_cells, dtype=np.int64))}
+    variables: dict[str, Any] = {"n_cells": (("cluster",), np.asarray(n_cells, dtype=np.int64))}
     for name in (*stats, *extra_stats):
         if name in derived:
             variables[name] = (("cluster", "gene"), derived[name])
@@ -353,7 +359,9 @@ def _result(
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
-def merge_stats(results: Sequence[Any], storage_options: dict | None = None, *, allow_repeats: bool = False) -> Any:
+def merge_stats(
+    results: Sequence[Any], storage_options: dict | None = None, *, allow_repeats: bool = False
+) -> xr.Dataset:
     """Merge statistics computed over disjoint sets of cells, exactly.
 
     Parameters

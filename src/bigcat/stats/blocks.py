@@ -32,25 +32,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
-from bigcat.errors import BigcatInputError
-from bigcat.readers import (
-    BufferPool,
-    MatrixSource,
-    block_bounds,
-)
+from bigcat._io.source import block_bounds
+from bigcat._memory import BufferPool, PageArena, release_free_memory, small_pages
+from bigcat._threads import ByReference
 from bigcat.stats import plan
 from bigcat.stats.inputs import _Part
 from bigcat.stats.plan import _capacity, _decompose, _inproc
-from bigcat.stats.statistics import EXTRA, _accumulator_bytes, _Settings, _zero_passes
-from bigcat.util import (
-    ByReference,
-    PageArena,
-    prefault,
-    release_free_memory,
-    small_pages,
+from bigcat.stats.statistics import _accumulator_bytes, _Settings
+from bigcat.stats.tasks import (
+    _add_task,
+    _chunk_block,
+    _chunk_row_totals,
+    _column_totals,
+    _finalize_task,
+    _fold_task,
+    _init_task,
+    _read_columns,
+    _read_rows,
+    _sum_arrays,
+    _token_task,
 )
+
+__all__ = ["STEPS"]
 
 log = logging.getLogger("bigcat")
 
@@ -75,174 +79,6 @@ FAN_IN = 8
 LOOKAHEAD = 2
 
 
-def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zero-filled accumulator on :func:`bigcat.util.small_pages`, touched now, in order.
-
-    Left to be first touched where the kernel accumulates (scattered, on several threads at
-    once), the pages cost several times the system time (``docs/design.md``).
-    """
-    out = small_pages(shape, dtype)
-    if not prefault(out):
-        out.fill(0)
-    return out
-
-
-def _init_task(settings: _Settings, n_clusters: int, n_genes: int, views: dict | None) -> dict:
-    """A zeroed accumulator piece (its clusters × all output genes): views into the final
-    result when running in-process, else new arrays."""
-    if views is not None:
-        for view in views.values():
-            if not prefault(view):  # fresh zero pages (small_pages): touched, not written
-                view.fill(0)
-        return views
-    return {
-        name: zeros(settings.shape(name, n_clusters, n_genes), settings.dtype(name)) for name in settings.accumulators
-    }
-
-
-_EMPTY_F = np.zeros((0, 0), dtype=np.float64)
-
-
-def _fold_task(
-    acc: dict,
-    block: tuple,
-    codes: np.ndarray,
-    gene_map: np.ndarray,
-    totals: np.ndarray | None,
-    settings: _Settings,
-    c_lo: int,
-) -> dict:
-    """Fold one block into one accumulator piece, in place (the piece has a single owner:
-    this chain of tasks), and hand it on."""
-    from bigcat import kernels
-
-    kind, data, indices, indptr, col_offset = block
-    if settings.normalize:
-        _check_counts(data)
-    if kind == "csr":
-        identity = kernels.is_identity(gene_map)  # every gene, in order: no map to look up
-        kernels.fold_csr(
-            data,
-            indices,
-            indptr,
-            col_offset,
-            codes,
-            None if identity else gene_map,
-            (np.zeros(0, dtype=np.float64) if totals is None else totals) if settings.normalize else None,
-            settings.threshold,
-            settings.op_ge,
-            settings.count_fails,
-            c_lo,
-            acc.get("sums"),
-            acc.get("sqr_sums"),
-            acc.get("present_counts"),
-            acc.get("nnz"),
-            acc.get(EXTRA),
-            settings.tests if EXTRA in acc else None,
-        )
-        return acc
-    kernels.fold_csc(
-        data,
-        indices,
-        indptr,
-        col_offset,
-        codes,
-        gene_map,
-        np.zeros(0, dtype=np.float64) if totals is None else totals,
-        settings.normalize,
-        settings.threshold,
-        settings.op_ge,
-        settings.count_fails,
-        c_lo,
-        acc.get("sums", _EMPTY_F),
-        acc.get("sqr_sums", _EMPTY_F),
-        acc.get("present_counts", np.zeros((0, 0), settings.counts)),
-        acc.get("nnz", np.zeros((0, 0), settings.counts)),
-        acc.get(EXTRA, np.zeros((0, 0, 0), settings.counts)),
-        settings.tests,
-    )
-    return acc
-
-
-class _NegativeValuesError(BigcatInputError):
-    """Raised inside a task; :func:`cluster_stats` adds the input's name."""
-
-
-def _check_counts(data: np.ndarray) -> None:
-    """log2 CPM needs counts: refuse negative values (NaN passes; it propagates)."""
-    if data.size and data.dtype.kind in "fi" and np.nanmin(data, initial=0) < 0:
-        n = int(np.count_nonzero(data < 0))
-        msg = (
-            f"X has negative values ({n} in one block, e.g. {data[data < 0][0]:g}): normalize='log2cpm' needs "
-            "raw counts; compute on the values as they are (no normalize) if X is already normalized"
-        )
-        raise _NegativeValuesError(msg)
-
-
-def _read_rows(source: MatrixSource, start: int, stop: int, pool: BufferPool | None = None, *_after: Any) -> tuple:
-    block = source.read_rows(start, stop, pool=pool)
-    return ("csr", block.data, block.indices, block.indptr, 0)
-
-
-def _read_columns(source: MatrixSource, start: int, stop: int, *_after: Any) -> tuple:
-    block = source.read_columns(start, stop)
-    return ("csc", block.data, block.indices, block.indptr, start)
-
-
-def _chunk_block(chunk: Any, col_offset: int) -> tuple:
-    """A Dask chunk (pydata sparse, scipy sparse or NumPy) as a CSR block."""
-    if hasattr(chunk, "tocsr"):
-        block = chunk.tocsr()
-    elif hasattr(chunk, "to_scipy_sparse"):
-        block = chunk.to_scipy_sparse().tocsr()
-    else:
-        block = sp.csr_matrix(np.asarray(chunk))
-    block = sp.csr_matrix(block)
-    return ("csr", block.data, block.indices, block.indptr.astype(np.int64), col_offset)
-
-
-def _column_totals(source: MatrixSource, start: int, stop: int) -> np.ndarray:
-    block = source.read_columns(start, stop)
-    return np.bincount(block.indices, weights=block.data.astype(np.float64), minlength=source.shape[0])
-
-
-def _chunk_row_totals(chunk: Any) -> np.ndarray:
-    _, data, _, indptr, _ = _chunk_block(chunk, 0)
-    from bigcat.kernels import row_sums_csr
-
-    return row_sums_csr(data, indptr)[:, None]
-
-
-def _sum_arrays(*arrays: np.ndarray) -> np.ndarray:
-    out = arrays[0].copy()
-    for a in arrays[1:]:
-        out += a
-    return out
-
-
-def _add_task(first: dict, *others: dict) -> dict:
-    for other in others:
-        for name, values in other.items():
-            first[name] += values
-    return first
-
-
-def _token_task(*_folds: Any) -> None:
-    return None
-
-
-def _finalize_task(acc: dict, n_cells: np.ndarray, settings: _Settings) -> dict:
-    if settings.count_fails and "present_counts" in acc:
-        present = acc["present_counts"]
-        np.subtract(n_cells[:, None].astype(present.dtype), present, out=present)
-    if EXTRA in acc:
-        for t, (_, threshold, op_ge) in enumerate(settings.extra):
-            if _zero_passes(threshold, op_ge):
-                counts = acc[EXTRA][:, t, :]
-                np.subtract(n_cells[:, None].astype(counts.dtype), counts, out=counts)
-    return acc
-
-
 @dataclass
 class _Block:
     read: Any  # a task tuple (or a Dask key for chunk inputs)
@@ -264,7 +100,7 @@ def _plan_blocks(
 ) -> list[_Block]:
     """One entry per block over all inputs, skipping blocks with no selected cell (row
     blocks are read into arrays from ``pool`` when one is given, which the read tasks get
-    as ``task_pool``: the pool itself, or a :class:`bigcat.util.ByReference` to it)."""
+    as ``task_pool``: the pool itself, or a :class:`bigcat._threads.ByReference` to it)."""
     task_pool = pool if task_pool is None else task_pool
     blocks: list[_Block] = []
     for p, part in enumerate(parts):
@@ -302,7 +138,7 @@ def _plan_blocks(
                 codes = part.codes[lo:hi]
                 if not (codes >= 0).any():
                     continue
-                read = (_read_rows, source, int(lo), int(hi), task_pool)
+                read: Any = (_read_rows, source, int(lo), int(hi), task_pool)
                 blocks.append(_Block(read, codes, None, 0, n_genes, lookahead=True))
         else:
             x = part.array
@@ -363,35 +199,13 @@ def _blocks(
         return handles[-1]
 
     blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool, shared(pool))
-    arena = None
-    if pool is not None and acc_bytes > plan.BIG_ACCUMULATORS and n_derived:
-        # with large accumulators, the blocks are read into the memory the float32
-        # statistics take after the pass (room for either; what neither uses is never touched)
-        in_flight = LOOKAHEAD * pool.size * 16  # data and indices of at most 8 bytes each
-        arena = pool.arena = PageArena(max(n_derived * n_clusters * n_out * 4, in_flight) + 8 * PageArena.ALIGN)
+    arena = _read_arena(pool, acc_bytes, n_derived * n_clusters * n_out * 4)
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
     cap = _capacity(client)
     n_row_parts, n_ranges = _decompose(cap, acc_bytes, len(blocks), n_clusters, in_process)
     n_cells, edges = _cluster_ranges(parts, n_clusters, n_ranges)
     n_ranges = len(edges) - 1
-    log.info(
-        "blocks engine: %d blocks; %d clusters × %d genes (%.2f GB of accumulators) as %d row partitions × %d "
-        "cluster ranges",
-        len(blocks),
-        n_clusters,
-        n_out,
-        acc_bytes / 1e9,
-        n_row_parts,
-        n_ranges,
-    )
-    if client is not None and not in_process:
-        log.info(
-            "planned for %d workers × %d threads, %.2f GB each (%d connected now)",
-            cap.workers,
-            cap.threads,
-            cap.memory / 1e9,
-            cap.present,
-        )
+    _log_plan(len(blocks), n_clusters, n_out, acc_bytes, n_row_parts, n_ranges, cap, distributed=not in_process)
     gene_map = np.full(n_genes_total, -1, dtype=np.int32)
     gene_map[gene_index] = np.arange(n_out, dtype=np.int32)
 
@@ -430,6 +244,33 @@ def _blocks(
     del pool
     release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
     return out, spare
+
+
+def _read_arena(pool: BufferPool | None, acc_bytes: int, derived_bytes: int) -> PageArena | None:
+    """With large accumulators, blocks are read into the memory the float32 statistics
+    (``derived_bytes``) take after the pass: room for either; what neither uses is never
+    touched. ``None`` when there is no pool or no need."""
+    if pool is None or acc_bytes <= plan.BIG_ACCUMULATORS or not derived_bytes:
+        return None
+    in_flight = LOOKAHEAD * pool.size * 16  # data and indices of at most 8 bytes each
+    pool.arena = PageArena(max(derived_bytes, in_flight) + 8 * PageArena.ALIGN)
+    return pool.arena
+
+
+def _log_plan(
+    n_blocks: int, n_clusters: int, n_out: int, acc_bytes: int, n_row_parts: int, n_ranges: int, cap: Any,
+    *, distributed: bool,
+) -> None:  # fmt: skip
+    log.info(
+        "blocks engine: %d blocks; %d clusters × %d genes (%.2f GB of accumulators) as %d row partitions × %d "
+        "cluster ranges",
+        n_blocks, n_clusters, n_out, acc_bytes / 1e9, n_row_parts, n_ranges,
+    )  # fmt: skip
+    if distributed:
+        log.info(
+            "planned for %d workers × %d threads, %.2f GB each (%d connected now)",
+            cap.workers, cap.threads, cap.memory / 1e9, cap.present,
+        )  # fmt: skip
 
 
 def _cluster_ranges(parts: list[_Part], n_clusters: int, n_ranges: int) -> tuple[np.ndarray, np.ndarray]:
@@ -553,7 +394,8 @@ def _run(
             for c, acc in enumerate(results):
                 place(c, acc)
             return
-        from bigcat.cluster import check_visible, completed, spread_graph, use_workers
+        from bigcat._scheduling import completed, spread_graph
+        from bigcat.cluster import check_visible, use_workers
 
         with use_workers(client, workers, what="cluster statistics"):
             check_visible(client, list(inputs))

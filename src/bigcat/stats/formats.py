@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -15,8 +15,14 @@ import pandas as pd
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.stats.statistics import DERIVED, statistic
 
+if TYPE_CHECKING:
+    import xarray as xr
 
-def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> Any:
+
+__all__ = ["FORMATS", "read_stats", "write_stats"]
+
+
+def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> xr.Dataset:
     """Open a statistics result written by :func:`write_stats`.
 
     Parameters
@@ -33,10 +39,9 @@ def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> 
         Dims ``(cluster, gene)``, a variable per statistic found, ``n_cells(cluster)``, and
         the attributes recorded when it was computed (where the format keeps them).
     """
-    from bigcat import fs
+    from bigcat._io import fs
 
-    url = fs.is_url(path)
-    path = str(path) if url else fs.local(path)
+    path = fs.path_of(path)
     if not fs.exists(path, storage_options):
         msg = f"{path}: no such file or directory"
         raise InputNotFoundError(msg)
@@ -44,11 +49,11 @@ def read_stats(path: str | os.PathLike, storage_options: dict | None = None) -> 
     return read(path, storage_options)
 
 
-def _read_stats_zarr(path: str, storage_options: dict | None) -> Any:
+def _read_stats_zarr(path: Path | str, storage_options: dict | None) -> xr.Dataset:
     import xarray as xr
 
-    from bigcat import fs
-    from bigcat.store import read_marker
+    from bigcat._io import fs
+    from bigcat._io.publish import read_marker
 
     marker = read_marker(path, storage_options)
     if marker is None or marker.get("layout") != "stats" or not marker.get("complete"):
@@ -62,12 +67,12 @@ def _read_stats_zarr(path: str, storage_options: dict | None) -> Any:
     return ds
 
 
-def _read_stats_h5ad(path: str, storage_options: dict | None) -> Any:
+def _read_stats_h5ad(path: Path | str, storage_options: dict | None) -> xr.Dataset:
     import anndata as ad
     import h5py
     import xarray as xr
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     try:
         with fs.open_file(path, storage_options) as handle, h5py.File(handle, "r") as f:
@@ -91,14 +96,14 @@ def _read_stats_h5ad(path: str, storage_options: dict | None) -> Any:
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
-def _read_stats_table(path: str, storage_options: dict | None) -> Any:
+def _read_stats_table(path: Path | str, storage_options: dict | None) -> xr.Dataset:
     """The long table (cluster, gene, n_cells, one column per statistic) back as a Dataset."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
     import xarray as xr
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     try:
         with fs.open_file(path, storage_options) as handle:
@@ -161,7 +166,7 @@ STATS_CHUNK_BYTES = 8 << 20
 #: Blosc settings of a statistics store's matrices (with bit shuffle): float32 statistics
 #: barely compress, and LZ4 level 1 with bit shuffle encodes them fastest of the settings
 #: measured (docs/design.md)
-STATS_CODEC = {"cname": "lz4", "clevel": 1}
+STATS_CODEC: dict[str, Any] = {"cname": "lz4", "clevel": 1}
 
 
 def _write_stats_zarr(ds: Any, store: Any) -> None:
@@ -206,7 +211,7 @@ def _store_chunks(ds: Any, store: Any, names: list[str], rows: int) -> None:
 
     from bigcat.cluster import capacity
 
-    root = zarr.open_group(store, mode="r+")
+    root: Any = zarr.open_group(store, mode="r+")
     blosc = Blosc(cname=STATS_CODEC["cname"], clevel=STATS_CODEC["clevel"], shuffle=Blosc.BITSHUFFLE)
     local = Path(store) if isinstance(store, str) else None  # a local store: plain file writes
     jobs = []
@@ -265,7 +270,7 @@ def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
 
 
 def write_stats(
-    ds: Any,
+    ds: xr.Dataset,
     path: str | os.PathLike,
     *,
     wide: bool = False,
@@ -289,18 +294,17 @@ def write_stats(
     overwrite
         Replace existing outputs.
     storage_options
-        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat.fs`).
+        fsspec options when ``path`` is a URL (``s3://…``; see :mod:`bigcat._io.fs`).
 
     Returns
     -------
     list of pathlib.Path
         The files written.
     """
-    from bigcat import fs
-    from bigcat.store import refuse_input_as_output
+    from bigcat._io import fs
+    from bigcat._io.publish import refuse_input_as_output
 
-    url = fs.is_url(path)
-    path = str(path) if url else fs.local(path)
+    path = fs.path_of(path)
     suffix = fs.suffix_of(path)
     try:
         sources = json.loads(ds.attrs.get("source", "[]"))
@@ -328,11 +332,13 @@ class _Target:
 
     def publish(self, path: Any) -> Any:
         """A temporary path that becomes ``path`` atomically when the block ends."""
-        from bigcat import fs
-        from bigcat.store import publish
+        from bigcat._io import fs
+        from bigcat._io.publish import publish
 
-        kind = "zarr" if fs.suffix_of(path) == ".zarr" else "file"
-        return publish(path, overwrite=self.overwrite, storage_options=self.storage_options, kind=kind)
+        zarr_output = fs.suffix_of(path) == ".zarr"
+        return publish(
+            path, overwrite=self.overwrite, storage_options=self.storage_options, kind="zarr" if zarr_output else "file"
+        )
 
 
 def _matrices(ds: Any) -> list[str]:
@@ -343,7 +349,7 @@ def _write_zarr(ds: Any, path: Any, target: _Target) -> list:
     import zarr
     from zarr.errors import UnstableSpecificationWarning
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     with target.publish(path) as tmp:
         out = ds.copy()
@@ -367,7 +373,7 @@ def _write_zarr(ds: Any, path: Any, target: _Target) -> list:
 def _write_h5ad(ds: Any, path: Any, target: _Target) -> list:
     import anndata as ad
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     obs = pd.DataFrame({"n_cells": ds["n_cells"].values}, index=pd.Index(ds["cluster"].values.astype(str)))
     var = pd.DataFrame(index=pd.Index(ds["gene"].values.astype(str)))
@@ -388,7 +394,7 @@ def _table_writer(path: Any, tmp: Any, schema: Any) -> Any:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     return pq.ParquetWriter(tmp, schema) if fs.suffix_of(path) == ".parquet" else pacsv.CSVWriter(tmp, schema)
 
@@ -402,7 +408,7 @@ def _write_table(ds: Any, path: Any, target: _Target) -> list:
 def _write_wide(ds: Any, path: Any, target: _Target) -> list:
     import pyarrow as pa
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     suffix = fs.suffix_of(path)
     written = []
@@ -428,14 +434,14 @@ def _write_long(ds: Any, path: Any, target: _Target) -> list:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bigcat import fs
+    from bigcat._io import fs
 
     parquet = fs.suffix_of(path) == ".parquet"
     attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))})
     step = max(1, (1 << 22) // max(ds.sizes["gene"], 1))
     names = {axis: pa.array(np.asarray(ds[axis].values).astype(str)) for axis in ("cluster", "gene")}
     with target.publish(path) as tmp:
-        writer = None
+        writer: Any = None
         for lo in [*range(0, ds.sizes["cluster"], step)] or [0]:
             table = _long_arrow(ds, slice(lo, lo + step), names)
             if writer is None:

@@ -6,9 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from bigcat.stats.blocks import _check_counts
 from bigcat.stats.inputs import _Part
 from bigcat.stats.statistics import ACCUMULATOR_TABLE, EXTRA, _Settings, passes
+from bigcat.stats.tasks import _check_counts
+
+__all__ = []
 
 
 def _checked_counts(chunk: np.ndarray) -> np.ndarray:
@@ -39,7 +41,7 @@ def _groupby(
 
     arrays = []
     for part in parts:
-        x = part.array if part.array is not None else open_dataset(part.source.path)["X"].data
+        x = part.array if part.array is not None else open_dataset(part.source.path)["X"].data  # type: ignore[union-attr]
         if not isinstance(x._meta, np.ndarray):  # noqa: SLF001 - dask's documented meta
             x = x.map_blocks(_densify, dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))
         arrays.append(x.astype(np.float64))
@@ -70,14 +72,14 @@ def _groupby(
 
 def _compute_with_progress(collections: list, client: Any, progress: bool | None) -> list:
     """``dask.compute`` of ``collections`` with a bar of tasks done (in this process) or of
-    results done (on a cluster, waited for as :func:`bigcat.cluster.completed` waits)."""
+    results done (on a cluster, waited for as :func:`bigcat._scheduling.completed` waits)."""
     import dask
     from dask.callbacks import Callback
 
     from bigcat.progress import progress_bar
 
     if client is not None:
-        from bigcat.cluster import gather
+        from bigcat._scheduling import gather
 
         futures = client.compute(collections)
         with progress_bar(total=len(futures), unit="statistics", desc="stats", enabled=progress) as bar:

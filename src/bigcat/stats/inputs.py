@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bigcat._io.source import MatrixSource, open_source
 from bigcat.errors import BigcatInputError
-from bigcat.readers import (
-    MatrixSource,
-    open_source,
-)
+
+__all__ = []
 
 
 @dataclass
@@ -33,6 +32,7 @@ class _Part:
     @property
     def cell_names(self) -> pd.Index:
         if self.names is None:
+            assert self.source is not None
             self.names = self.source.obs_names()
             self.source.close()
         return self.names

@@ -13,13 +13,15 @@ import pandas as pd
 from bigcat.errors import BigcatFormatError, BigcatInputError, InputNotFoundError
 from bigcat.stats.inputs import _Part
 
+__all__ = ["Labelled", "resolve_codes"]
+
 log = logging.getLogger("bigcat")
 
 
 def _read_labels_table(
     path: str | os.PathLike, label_column: str | None, cell_column: str | None, storage_options: dict | None = None
 ) -> pd.Series:
-    from bigcat import fs
+    from bigcat._io import fs
 
     url = fs.is_url(path)
     path = str(path) if url else fs.local(path)

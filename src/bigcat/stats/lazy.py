@@ -80,5 +80,6 @@ class DerivedArray(BackendArray):
 
     def _compute(self, rows: slice | np.ndarray, cols: slice) -> np.ndarray:
         stat = statistic(self.name)
+        assert stat.finalize is not None
         with np.errstate(invalid="ignore", divide="ignore"):
             return stat.finalize({name: self.acc[name][rows, cols] for name in stat.needs}, self.n[rows, None])

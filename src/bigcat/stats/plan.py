@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bigcat.readers import BLOCK_NNZ
+from bigcat._io.source import BLOCK_NNZ
 from bigcat.stats.statistics import _accumulator_bytes, _Settings
 
 if TYPE_CHECKING:
     from bigcat.cluster import Capacity
 
+
+__all__ = ["BIG_ACCUMULATORS"]
 
 #: accumulators larger than this (bytes) get larger row blocks: accumulator bytes /
 #: ``BIG_BLOCK_DIVISOR`` values (two blocks in flight, ~9 bytes per value: ~3/4 of the

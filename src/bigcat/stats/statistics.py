@@ -11,6 +11,19 @@ import numpy as np
 
 from bigcat.errors import BigcatInputError
 
+__all__ = [
+    "ACCUMULATOR_TABLE",
+    "DEFAULT_STATS",
+    "STATISTICS",
+    "STATISTIC_TABLE",
+    "Accumulator",
+    "Statistic",
+    "count_dtype",
+    "extra_present_names",
+    "present_test_name",
+    "statistic",
+]
+
 DEFAULT_STATS = ("means", "present", "sqr_means")
 ENGINES = ("blocks", "groupby")
 NORMALIZATIONS = (None, "log2cpm")

@@ -76,7 +76,7 @@ def test_pipeline_on_the_bucket_equals_the_local_run(s3, small, tmp_path):
     # a store whose completion marker says incomplete does not open
     import zarr
 
-    root = zarr.open_group(bigcat.fs.zarr_store(store, opts, read_only=False), mode="r+", use_consolidated=False)
+    root = zarr.open_group(bigcat._io.fs.zarr_store(store, opts, read_only=False), mode="r+", use_consolidated=False)
     root.attrs["bigcat"] = {**root.attrs["bigcat"], "complete": False}
     with pytest.raises(BigcatError, match="incomplete"):
         bigcat.open_dataset(store, storage_options=opts)

@@ -24,7 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["filesystem", "is_url", "name_of", "open_file", "parse_storage_options", "suffix_of", "zarr_store"]
+__all__ = [
+    "filesystem",
+    "is_url",
+    "local",
+    "name_of",
+    "open_file",
+    "parse_storage_options",
+    "path_of",
+    "suffix_of",
+    "zarr_store",
+]
 
 #: bounded waits for S3 unless the caller says otherwise (botocore's defaults wait minutes)
 S3_DEFAULT_CONFIG = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
@@ -48,6 +58,12 @@ def local(path: str | os.PathLike) -> Path:
     text = str(path)
     text = text[len("file://") :] if text.startswith("file://") else text
     return Path(os.path.abspath(Path(text).expanduser()))  # noqa: PTH100 - normalizes without resolving links
+
+
+def path_of(path: str | os.PathLike) -> Path | str:
+    """A URL as a string, anything else as an absolute local :class:`~pathlib.Path`: how
+    every input and output path is held."""
+    return str(path) if is_url(path) else local(path)
 
 
 def name_of(path: str | os.PathLike) -> str:

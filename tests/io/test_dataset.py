@@ -127,7 +127,7 @@ def test_clear_errors(tmp_path):
 def test_buffer_pool_reuses_only_released_arrays():
     import pickle
 
-    from bigcat.readers import BufferPool
+    from bigcat._memory import BufferPool
 
     pool = BufferPool(limit=2)
     a = pool.take(1000, np.float32)
@@ -159,7 +159,7 @@ def test_small_pages_and_arena(monkeypatch):
     import mmap
     import pickle
 
-    from bigcat import util
+    from bigcat import _memory as util
 
     small = util.small_pages((3, 4), np.float64)  # below the threshold: plain NumPy
     assert small.flags.owndata
@@ -200,7 +200,7 @@ def test_prefault_touches_without_writing(monkeypatch):
     import mmap
     from pathlib import Path
 
-    from bigcat import util
+    from bigcat import _memory as util
 
     def resident() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
@@ -221,8 +221,8 @@ def test_prefault_touches_without_writing(monkeypatch):
 def test_buffer_pool_on_small_pages_and_an_arena(monkeypatch):
     """Pooled arrays on mappings are reused only once no view of them is left; new ones
     come from the arena while it has room; release tells whether any is still in use."""
-    from bigcat import util
-    from bigcat.readers import BufferPool
+    from bigcat import _memory as util
+    from bigcat._memory import BufferPool
 
     monkeypatch.setattr(util, "SMALL_PAGES_ABOVE", 0)
     arena = util.PageArena(2 * 4096)
@@ -252,7 +252,8 @@ def test_buffer_pool_on_small_pages_and_an_arena(monkeypatch):
 def test_rows_read_into_pooled_buffers(kind, stores, atlas):
     """Blocks read through a pool equal plain reads, also when the pool's arrays are
     reused for later blocks."""
-    from bigcat.readers import BufferPool, open_source
+    from bigcat._io.source import open_source
+    from bigcat._memory import BufferPool
 
     pool = BufferPool(limit=4)
     full = dense(atlas.X)

@@ -31,7 +31,7 @@ from conftest import ARCHIVES, dense
 def read_back(path: Path) -> ad.AnnData:
     """Read a converted store independently of bigcat where possible."""
     ds = bigcat.open_dataset(path)
-    if bigcat.store.read_marker(path)["layout"] == "sparse":
+    if bigcat._io.publish.read_marker(path)["layout"] == "sparse":
         return ad.read_zarr(path)  # anndata's own reader
     return bigcat.to_anndata(ds)
 
@@ -79,7 +79,8 @@ def test_shard_writer_writes_what_zarr_writes(dtype, tmp_path):
     those zarr-python writes for the same values (whole shards and a partial last one)."""
     import zarr
 
-    from bigcat.store import _ShardWriter, sparse_compressors
+    from bigcat._io.layout import sparse_compressors
+    from bigcat._io.shards import ShardWriter
 
     rng = np.random.default_rng(0)
     values = (rng.poisson(2, 10_500) * (rng.random(10_500) < 0.5)).astype(dtype)
@@ -94,7 +95,7 @@ def test_shard_writer_writes_what_zarr_writes(dtype, tmp_path):
         "config": {"write_empty_chunks": True},
     }
     by_zarr, ours = group.create_array("zarr", **kwargs), group.create_array("ours", **kwargs)
-    writer = _ShardWriter.for_array(ours)
+    writer = ShardWriter.for_array(ours)
     assert writer is not None
     for k, start in enumerate(range(0, len(values), 4000)):
         piece = values[start : start + 4000]
@@ -107,8 +108,8 @@ def test_shard_writer_writes_what_zarr_writes(dtype, tmp_path):
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "x.zarr", path="ours")[:], values)
     # arrays with other codecs are left to zarr
     other = group.create_array("other", **{**kwargs, "compressors": [zarr.codecs.ZstdCodec()]})
-    assert _ShardWriter.for_array(other) is None
-    assert _ShardWriter.for_array(group.create_array("plain", shape=(10,), dtype=dtype)) is None
+    assert ShardWriter.for_array(other) is None
+    assert ShardWriter.for_array(group.create_array("plain", shape=(10,), dtype=dtype)) is None
 
 
 def test_shard_reader_reads_what_zarr_reads(tmp_path):
@@ -119,8 +120,9 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
 
     import zarr
 
+    from bigcat._io.layout import sparse_compressors
+    from bigcat._io.shards import ShardReader
     from bigcat.errors import BigcatInputError
-    from bigcat.store import ShardReader, sparse_compressors
 
     rng = np.random.default_rng(1)
     values = (rng.poisson(3, 10_500) * (rng.random(10_500) < 0.6)).astype(np.float32)
@@ -142,12 +144,12 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
     out = np.full(20_000, -1, dtype=np.float32)
     np.testing.assert_array_equal(other.read(0, 20_000, out), sparse_array[:])
     # local shards are read into a reused per-thread buffer; a pickled reader gets its own
-    assert reader.root is not None
+    assert reader.shards.root is not None
     assert len(reader.scratch.buffer) > 0
     copy = pickle.loads(pickle.dumps(reader))
     np.testing.assert_array_equal(copy.read(0, 10_500, np.empty(10_500, np.float32)), values)
     # through the store's own API (as for fsspec/S3 stores) the same values come back
-    reader.root = None
+    reader.shards.root = None
     for lo, hi in ranges[:10]:
         np.testing.assert_array_equal(reader.read(lo, hi, np.empty(hi - lo, np.float32)), values[lo:hi])
     assert ShardReader.for_array(group.create_array("z", shape=(10,), dtype=np.int32)) is None
@@ -216,7 +218,7 @@ def test_existing_output_is_refused(atlas_h5ad, tmp_path):
     with pytest.raises(BigcatOutputExistsError, match="output exists"):
         bigcat.convert(atlas_h5ad, out, progress=False)
     bigcat.convert(atlas_h5ad, out, layout="dense", overwrite=True, progress=False)
-    assert bigcat.store.read_marker(out)["layout"] == "dense"
+    assert bigcat._io.publish.read_marker(out)["layout"] == "dense"
     foreign = tmp_path / "mine.zarr"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
@@ -264,7 +266,7 @@ def test_killed_conversion_leaves_no_store(encodings, tmp_path):
     out = tmp_path / "killed.zarr"
     script = (
         "import bigcat, time\n"
-        "import bigcat.store as s\n"
+        "import bigcat._io.writers as s\n"
         "orig = s.SparseZarrWriter._write\n"
         "def slow(self, block):\n"
         "    orig(self, block); time.sleep(0.05)\n"

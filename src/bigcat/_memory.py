@@ -1,73 +1,24 @@
-"""Small helpers shared by several modules."""
+"""Memory for large arrays: small pages prefaulted, arenas, buffer pools, and handing free
+memory back to the operating system (why each: docs/design.md, "Memory")."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import mmap
-import os
-import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-__all__ = ["PageArena", "prefault", "prefetch", "release_free_memory", "small_pages"]
+__all__ = ["BufferPool", "PageArena", "prefault", "release_free_memory", "small_pages"]
 
 #: Linux 5.14+: fault pages in, writable, without writing to them
 MADV_POPULATE_WRITE = 23
 
 #: arrays smaller than this (bytes) are plain NumPy arrays
 SMALL_PAGES_ABOVE = 1 << 24
-
-T = TypeVar("T")
-_DONE = object()
-
-
-def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """Iterate ``items`` with the next ``depth`` items produced ahead on a background thread.
-
-    Overlaps reading (I/O, decompression) with whatever the consumer does. Exceptions of
-    the producer are re-raised in the consumer; abandoning the iterator stops the producer.
-    """
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put((_DONE, None))
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer
-            buffer.put((_DONE, error))
-
-    thread = threading.Thread(target=produce, daemon=True, name="bigcat-prefetch")
-    thread.start()
-    try:
-        while True:
-            item, error = buffer.get()
-            if error is not None:
-                raise error
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.1)
 
 
 def release_free_memory() -> bool:
@@ -112,7 +63,7 @@ def small_pages(shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     freed. Elsewhere (no ``madvise``) and for small arrays it is ``np.zeros``.
 
     The array is the base of every view of it (the mapping is its buffer), so
-    ``sys.getrefcount`` on it counts its views (see ``bigcat.readers.BufferPool``).
+    ``sys.getrefcount`` on it counts its views (see :class:`BufferPool`).
     """
     dtype, shape, nbytes = _layout(shape, dtype)
     if nbytes < SMALL_PAGES_ABOVE or not hasattr(mmap, "MADV_NOHUGEPAGE"):
@@ -201,37 +152,62 @@ class PageArena:
         self.used = 0
 
 
-#: values handed to tasks of an in-process Dask worker by reference (see :class:`ByReference`)
-_BY_REFERENCE: dict[str, Any] = {}
-_KEYS = itertools.count()
+class BufferPool:
+    """Reusable 1-D arrays for blocks read concurrently by several tasks.
 
-
-def _by_reference(key: str) -> Any:
-    try:
-        return _BY_REFERENCE[key]
-    except KeyError:
-        msg = f"a task was sent to another process with an in-process-only value ({key}); this is a bigcat bug"
-        raise RuntimeError(msg) from None
-
-
-class ByReference:
-    """Hands ``value`` to the tasks of a worker *in this process* without copying it.
-
-    distributed pickles every graph it is given, also for a ``LocalCluster`` whose worker
-    runs in this process: the preallocated result views and the buffer pool of a
-    statistics pass (gigabytes with thousands of clusters) were copied into the graph, and
-    the tasks then filled those copies. An instance pickles as a key and unpickles as
-    the value itself; :meth:`release` forgets it.
+    Each block read into fresh memory costs first-touch page faults, which on virtual
+    machines cost more than decoding the block (docs/design.md). :meth:`take` hands out a
+    view of a pooled array that nothing else references any more (CPython's reference
+    count: the block, every view of it and every matrix built on it keep the array busy),
+    so a buffer is reused exactly when the block
+    it held is gone, whichever task or thread let it go. New arrays are pieces of
+    ``arena`` while it has room (see :class:`PageArena`), else
+    :func:`small_pages`. At most ``limit`` arrays are kept; past that, or for
+    a pickled copy (a pool never travels to other processes), plain new arrays are
+    returned. Drop the pool to free its memory.
     """
 
-    __slots__ = ("key",)
+    def __init__(self, limit: int = 16, size: int = 0, arena: PageArena | None = None) -> None:
 
-    def __init__(self, value: Any) -> None:
-        self.key = f"{os.getpid()}-{next(_KEYS)}"
-        _BY_REFERENCE[self.key] = value
+        self.limit = limit
+        #: elements of each new array when the largest block is known (else a little more
+        #: than the request): no slack to first-touch, and every buffer fits every block
+        self.size = size
+        self.arena = arena
+        self.buffers: list[np.ndarray] = []
+        self.lock = threading.Lock()
+        probe = [np.empty(0)]
+        for buffer in probe:  # the count of an idle buffer, seen from a loop over the buffers
+            self._idle = sys.getrefcount(buffer)
 
-    def __reduce__(self) -> tuple:
-        return (_by_reference, (self.key,))
+    def __getstate__(self) -> dict:
+        return {"limit": self.limit, "size": self.size}
 
-    def release(self) -> None:
-        _BY_REFERENCE.pop(self.key, None)
+    def __setstate__(self, state: dict) -> None:
+        BufferPool.__init__(self, state["limit"], state["size"])
+
+    def take(self, n: int, dtype: Any) -> np.ndarray:
+        """An array of ``n`` elements of ``dtype`` (uninitialised), reused when possible."""
+        dtype = np.dtype(dtype)
+        with self.lock:
+            for buffer in self.buffers:
+                if buffer.dtype == dtype and len(buffer) >= n and sys.getrefcount(buffer) <= self._idle:
+                    return buffer[:n]
+            # room for every block, or for blocks a little larger than this one
+            size = max(n, self.size) if self.size else n + n // 8 + 1024
+            piece = self.arena.take(size, dtype) if self.arena is not None else None
+            buffer = small_pages(size, dtype) if piece is None else piece
+            if len(self.buffers) < self.limit:
+                self.buffers.append(buffer)
+            return buffer[:n]
+
+    def release(self) -> bool:
+        """Forget every buffer; whether none of them was still in use (by a block, a view
+        of one or a matrix built on one) — only then may the arena's memory be reused."""
+        with self.lock:
+            for buffer in self.buffers:
+                if sys.getrefcount(buffer) > self._idle:
+                    self.buffers.clear()
+                    return False
+            self.buffers.clear()
+            return True
