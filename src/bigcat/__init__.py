@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from bigcat.cluster import connect
 from bigcat.convert import convert
 from bigcat.dataset import open_dataset, to_anndata
+from bigcat.de import DEResult, de_pairs
 from bigcat.errors import BigcatError, BigcatFormatError, BigcatInputError
 from bigcat.mapping import knn, map_cells
 from bigcat.marker_genes import markers
@@ -27,10 +28,12 @@ __all__ = [
     "BigcatError",
     "BigcatFormatError",
     "BigcatInputError",
+    "DEResult",
     "__version__",
     "cluster_stats",
     "connect",
     "convert",
+    "de_pairs",
     "dotplot",
     "heatmap",
     "knn",

@@ -171,6 +171,20 @@ def local_copy_for_upload(url: str, storage_options: dict | None = None) -> Iter
         fs.put_file(str(path), inner)
 
 
+@contextlib.contextmanager
+def local_folder_for_upload(url: str, storage_options: dict | None = None, *, last: str = "") -> Iterator[Path]:
+    """A local temporary folder; its files are uploaded under ``url`` when the block succeeds,
+    the file named ``last`` after all others (a marker readers check)."""
+    with tempfile.TemporaryDirectory(prefix="bigcat-upload-") as tmp:
+        folder = Path(tmp) / name_of(url)
+        folder.mkdir()
+        yield folder
+        target, inner = filesystem(url, storage_options)
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name == last):
+            target.put_file(str(path), f"{inner.rstrip('/')}/{path.relative_to(folder).as_posix()}")
+
+
 def parse_storage_options(pairs: list[str] | None) -> dict:
     """``["endpoint_url=http://…", "anon=true"]`` → a dict (true/false/none and numbers parsed)."""
     options: dict[str, Any] = {}

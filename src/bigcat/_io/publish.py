@@ -24,6 +24,9 @@ from bigcat._io import fs
 from bigcat._io.layout import MARKER_KEY
 from bigcat.errors import BigcatInputError, BigcatOutputExistsError
 
+#: the file that marks a folder of tables (not a Zarr store) as one bigcat wrote, written last
+FOLDER_MARKER = "bigcat.json"
+
 __all__ = [
     "atomic_path",
     "output_lock",
@@ -36,7 +39,11 @@ __all__ = [
 
 
 def read_marker(path: str | os.PathLike, storage_options: dict | None = None) -> dict | None:
-    """The ``bigcat`` root attribute of a Zarr store (``None`` if it has none)."""
+    """The ``bigcat`` root attribute of a Zarr store, or the ``bigcat`` entry of the
+    :data:`FOLDER_MARKER` file of a folder of tables bigcat wrote (``None`` if neither)."""
+    folder = _folder_marker(path, storage_options)
+    if folder is not None:
+        return folder
     if fs.is_url(path):
         import zarr
 
@@ -55,6 +62,25 @@ def read_marker(path: str | os.PathLike, storage_options: dict | None = None) ->
         with contextlib.suppress(ValueError, OSError):
             return json.loads(zattrs.read_text()).get(MARKER_KEY)
     return None
+
+
+def _folder_marker(path: str | os.PathLike, storage_options: dict | None) -> dict | None:
+    where = f"{str(path).rstrip('/')}/{FOLDER_MARKER}"
+    try:
+        if fs.is_url(path):
+            filesystem, inner = fs.filesystem(where, storage_options)
+            raw = filesystem.cat_file(inner) if filesystem.exists(inner) else None
+        else:
+            marker = fs.local(where)
+            raw = marker.read_bytes() if marker.is_file() else None
+        return None if raw is None else json.loads(raw).get(MARKER_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_folder_marker(folder: Path, marker: dict) -> None:
+    """Mark a folder of tables as bigcat's, complete (written last)."""
+    (folder / FOLDER_MARKER).write_text(json.dumps({MARKER_KEY: {**marker, "complete": True}}, default=str))
 
 
 def remove_local(path: Path) -> None:
@@ -102,7 +128,7 @@ def publish(
     *,
     overwrite: bool = False,
     storage_options: dict | None = None,
-    kind: Literal["zarr", "file"] = "zarr",
+    kind: Literal["zarr", "file", "folder"] = "zarr",
 ) -> Iterator[Any]:
     """Where to write an output so that it appears atomically at ``final``.
 
@@ -110,7 +136,8 @@ def publish(
     a Zarr store (``kind="zarr"``) is written in place — its completion marker, written
     last, is what makes it valid — after removing an existing bigcat store when
     ``overwrite``; a single file (``kind="file"``) is written locally and uploaded in one
-    PUT. Yields a local ``Path`` or the URL string.
+    PUT; a folder of files (``kind="folder"``) is written locally and uploaded file by file,
+    its :data:`FOLDER_MARKER` last. Yields a local ``Path`` or the URL string.
     """
     if not fs.is_url(final):
         with atomic_path(fs.local(final), overwrite=overwrite) as tmp:
@@ -121,13 +148,17 @@ def publish(
         if not overwrite:
             msg = f"{url}: output exists; pass --overwrite (overwrite=True) to replace it"
             raise BigcatOutputExistsError(msg)
-        if kind == "zarr":
+        if kind in ("zarr", "folder"):
             if read_marker(url, storage_options) is None:
                 msg = f"{url}: output exists and is not a store bigcat wrote; bigcat will not delete it"
                 raise BigcatOutputExistsError(msg)
             fs.remove(url, storage_options)
     if kind == "file":
         with fs.local_copy_for_upload(url, storage_options) as tmp:
+            yield tmp
+        return
+    if kind == "folder":
+        with fs.local_folder_for_upload(url, storage_options, last=FOLDER_MARKER) as tmp:
             yield tmp
         return
     try:

@@ -1,0 +1,13 @@
+"""Pairwise differential expression between clusters from their statistics alone
+(scrattch.bigcat's ``de_selected_pairs`` / ``de_stats_pair`` semantics).
+
+- :mod:`~bigcat.de.inputs`: what DE reads from a statistics result, checked once;
+- :mod:`~bigcat.de.pairs`: which pairs (all, nearest clusters, siblings, a table);
+- :mod:`~bigcat.de.limma`: limma's variance moderation and Holm's adjustment;
+- :mod:`~bigcat.de.kernels` and :mod:`~bigcat.de.engine`: the all-pairs engine;
+- :mod:`~bigcat.de.api`: :func:`de_pairs`.
+"""
+
+from bigcat.de.api import DEResult, de_pairs
+
+__all__ = ["DEResult", "de_pairs"]

@@ -1,0 +1,196 @@
+"""The all-pairs DE engine: chunks of pairs through the compiled kernels, exact p-values for the
+candidate genes only, results as tables chunk by chunk (bounded memory)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import special
+
+from bigcat.de import kernels
+from bigcat.de.inputs import DEInput
+from bigcat.de.limma import Squeezed, squeeze_var
+
+__all__ = ["METHODS", "Thresholds", "prepare", "run_chunks"]
+
+log = logging.getLogger("bigcat")
+
+METHODS = {"fast_limma": kernels.FAST_LIMMA, "t.test": kernels.T_TEST, "chisq": kernels.CHISQ}
+#: candidate genes held at once (per chunk of pairs): bounds the engine's memory
+CANDIDATE_BUDGET = 8_000_000
+#: a variance within this fraction of the mean square is rounding, i.e. 0
+ZERO_VARIANCE = 1e-13
+#: the bound on a statistic below which p ≥ padj_th is loosened by this much, so rounding in
+#: the bound can only let a gene more through (whose exact p then decides)
+SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """scrattch.bigcat's ``de_param`` for one run (``q2_th=None``: no q2 test)."""
+
+    padj_th: float = 0.01
+    lfc_th: float = 1.0
+    q1_th: float = 0.5
+    q2_th: float | None = None
+    q_diff_th: float = 0.7
+    min_cells: int = 4
+
+
+@dataclass
+class Prepared:
+    """What every chunk needs: the method's arrays and, for fast_limma, the moderated variances."""
+
+    method: int
+    spread: np.ndarray
+    counts: np.ndarray
+    df: float  # fast_limma's residual degrees of freedom (N - K)
+    squeezed: Squeezed | None
+
+
+def prepare(data: DEInput, method: str, p1: np.ndarray, p2: np.ndarray) -> Prepared:
+    """The per-method arrays: fast_limma's pooled variance over the clusters taking part (those
+    in some pair), moderated once; Welch's per-cluster variances; χ²'s presence counts."""
+    code = METHODS[method]
+    empty = np.zeros((1, 1))
+    if code == kernels.CHISQ:
+        return Prepared(code, empty, data.present_counts, 0.0, None)
+    assert data.sqr_means is not None
+    n = data.n_cells.astype(np.float64)[:, None]
+    if code == kernels.T_TEST:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = (data.sqr_means - data.means**2) * n / (n - 1)
+        # a constant gene's variance comes out as ±1e-17 from rounding: below what float64 can
+        # tell from 0 it is 0 (else Welch's p was undefined or not by the accident of rounding)
+        var[np.abs(var) <= ZERO_VARIANCE * np.abs(data.sqr_means)] = 0.0
+        np.maximum(var, 0.0, out=var)
+        return Prepared(code, var, empty, 0.0, None)
+    rows = np.unique(np.concatenate([p1, p2]))
+    n_total, k = float(data.n_cells[rows].sum()), len(rows)
+    df = n_total - k
+    if df <= 0:
+        msg = f"{data.source}: fast_limma needs more cells than clusters in the pairs (N - K = {df:g})"
+        raise ValueError(msg)
+    sigma2 = np.zeros(data.means.shape[1])
+    for r in rows:  # Σ n_k (sqr_mean_k - mean_k²), cluster by cluster (no clusters × genes temporary)
+        sigma2 += n[r, 0] * (data.sqr_means[r] - data.means[r] ** 2)
+    sigma2 /= df
+    squeezed = squeeze_var(sigma2, df)
+    with np.errstate(divide="ignore"):
+        inv_sd = (1.0 / np.sqrt(squeezed.var_post))[None, :]
+    return Prepared(code, inv_sd, empty, df, squeezed)
+
+
+def _bounds(prepared: Prepared, data: DEInput, p1: np.ndarray, p2: np.ndarray, padj_th: float) -> np.ndarray:
+    """Per pair, the statistic a gene must exceed for p < padj_th (loosened by SLACK)."""
+    if prepared.method == kernels.CHISQ:
+        bound = special.chdtri(1, padj_th)
+        return np.full(len(p1), bound * (1 - SLACK))
+    if prepared.method == kernels.FAST_LIMMA:
+        return np.full(len(p1), special.stdtrit(prepared.df, 1 - padj_th / 2) * (1 - SLACK))
+    # Welch's df is at most n1 + n2 - 2, and p grows as df shrinks: the bound at that df is the lowest
+    df_max = (data.n_cells[p1] + data.n_cells[p2] - 2).astype(np.float64)
+    return special.stdtrit(df_max, 1 - padj_th / 2) * (1 - SLACK)
+
+
+def _p_values(prepared: Prepared, stats: np.ndarray, dfs: np.ndarray) -> np.ndarray:
+    if prepared.method == kernels.CHISQ:
+        return special.chdtrc(1, stats)
+    df = np.full(len(stats), prepared.df) if prepared.method == kernels.FAST_LIMMA else dfs
+    return 2 * special.stdtr(df, -stats)
+
+
+def run_chunks(
+    data: DEInput, prepared: Prepared, p1: np.ndarray, p2: np.ndarray, thresholds: Thresholds, *, top: int,
+    pairs_per_chunk: int = 2048, progress: Callable[[int], Any] | None = None,
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:  # fmt: skip
+    """``(pairs table, genes table)`` for consecutive chunks of the pairs, in order."""
+    for start in range(0, len(p1), pairs_per_chunk):
+        c1, c2 = p1[start : start + pairs_per_chunk], p2[start : start + pairs_per_chunk]
+        crit = _bounds(prepared, data, c1, c2, thresholds.padj_th)
+        found = np.zeros(len(c1), dtype=np.int64)
+        m = np.zeros(len(c1), dtype=np.int64)
+        kernels.candidates(
+            prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit,
+            np.zeros(len(c1) + 1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0), np.zeros(0), found, m,
+        )  # fmt: skip
+        for lo, hi in _by_budget(found):
+            yield _sub_chunk(data, prepared, c1[lo:hi], c2[lo:hi], crit[lo:hi], found[lo:hi], m[lo:hi], thresholds,
+                             top)  # fmt: skip
+        if progress is not None:
+            progress(len(c1))
+
+
+def _by_budget(found: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Ranges of pairs whose candidates fit CANDIDATE_BUDGET together (a pair alone always goes)."""
+    lo, total = 0, 0
+    for k, n in enumerate(found):
+        if k > lo and total + n > CANDIDATE_BUDGET:
+            yield lo, k
+            lo, total = k, 0
+        total += int(n)
+    if lo < len(found):
+        yield lo, len(found)
+
+
+def _sub_chunk(
+    data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, crit: np.ndarray, found: np.ndarray,
+    m: np.ndarray, th: Thresholds, top: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    offsets = np.zeros(len(c1) + 1, dtype=np.int64)
+    np.cumsum(found, out=offsets[1:])
+    total = int(offsets[-1])
+    genes = np.zeros(max(total, 1), dtype=np.int32)
+    stats, dfs = np.zeros(max(total, 1)), np.zeros(max(total, 1))
+    if total:
+        kernels.candidates(
+            prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, offsets,
+            genes, stats, dfs, found, m,
+        )  # fmt: skip
+    pvals = _p_values(prepared, stats[:total], dfs[:total])
+    summary = np.zeros((len(c1), 6))
+    keep = max(top, 0)
+    top_genes = np.full((len(c1), 2, keep), -1, dtype=np.int64)
+    top_padj, top_pval = np.zeros((len(c1), 2, keep)), np.zeros((len(c1), 2, keep))
+    kernels.select(
+        offsets, genes[:total], pvals, m, c1, c2, data.means, data.present, data.n_cells, th.padj_th, th.lfc_th,
+        th.q1_th, -1.0 if th.q2_th is None else th.q2_th, th.q_diff_th, th.min_cells, keep, summary, top_genes,
+        top_padj, top_pval,
+    )  # fmt: skip
+    return _pairs_table(data, c1, c2, summary), _genes_table(data, c1, c2, top_genes, top_padj, top_pval)
+
+
+def _pairs_table(data: DEInput, c1: np.ndarray, c2: np.ndarray, summary: np.ndarray) -> pd.DataFrame:
+    names = np.asarray(data.clusters, dtype=object)
+    return pd.DataFrame(
+        {
+            "P1": names[c1], "P2": names[c2], "n1": data.n_cells[c1], "n2": data.n_cells[c2],
+            "score": summary[:, 0], "up_score": summary[:, 1], "down_score": summary[:, 2],
+            "num": summary[:, 3].astype(np.int64), "up_num": summary[:, 4].astype(np.int64),
+            "down_num": summary[:, 5].astype(np.int64),
+        }
+    )  # fmt: skip
+
+
+def _genes_table(
+    data: DEInput, c1: np.ndarray, c2: np.ndarray, top_genes: np.ndarray, top_padj: np.ndarray, top_pval: np.ndarray
+) -> pd.DataFrame:
+    pair, side, rank = np.nonzero(top_genes >= 0)
+    gene = top_genes[pair, side, rank]
+    a, b = c1[pair], c2[pair]
+    names = np.asarray(data.clusters, dtype=object)
+    return pd.DataFrame(
+        {
+            "pair": names[a] + "_" + names[b], "P1": names[a], "P2": names[b],
+            "gene": np.asarray(data.genes, dtype=object)[gene],
+            "direction": np.where(side == 0, "up", "down"), "rank": rank + 1,
+            "padj": top_padj[pair, side, rank], "pval": top_pval[pair, side, rank],
+            "lfc": data.means[a, gene] - data.means[b, gene], "meanA": data.means[a, gene],
+            "meanB": data.means[b, gene], "q1": data.present[a, gene], "q2": data.present[b, gene],
+        }
+    )  # fmt: skip
