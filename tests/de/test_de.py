@@ -418,3 +418,24 @@ def test_cli_writes_tables_that_match_the_api(atlas, tmp_path) -> None:
     assert main(["de", str(path), "--out", str(out), "--quiet"]) == 2  # exists
     assert main(["de", str(path), "--out", str(out), "--overwrite", "--quiet"]) == 0
     assert Path(out / "pairs.parquet").exists()
+
+
+def test_pairs_with_more_candidates_than_the_first_scan_keeps(atlas, monkeypatch) -> None:
+    """The scan keeps at most a budget's share of candidates per pair; pairs with more are
+    scanned again, wide enough (forced here: 64 per pair for 400 genes)."""
+    import bigcat.de.engine
+
+    stats, _ = atlas
+    monkeypatch.setattr(bigcat.de.engine, "CANDIDATE_BUDGET", 1)
+    real, widths = bigcat.de.engine._scan, []
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        widths.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(bigcat.de.engine, "_scan", spy)
+    for method in ("fast_limma", "chisq"):
+        result = de_pairs(stats, "all", method, top=15, lfc_th=0.2, q1_th=0.1, q_diff_th=0.0, padj_th=0.5)
+        check_against_reference(stats, method, result, lfc_th=0.2, q1_th=0.1, q_diff_th=0.0, padj_th=0.5)
+    assert widths[0] == 64
+    assert max(widths) > 64  # some pairs had more candidates and were scanned again

@@ -23,6 +23,11 @@ log = logging.getLogger("bigcat")
 METHODS = {"fast_limma": kernels.FAST_LIMMA, "t.test": kernels.T_TEST, "chisq": kernels.CHISQ}
 #: candidate genes held at once (per chunk of pairs): bounds the engine's memory
 CANDIDATE_BUDGET = 8_000_000
+#: above this many degrees of freedom R's ``pt`` uses a normal approximation (nmath/pt.c)
+R_PT_NORMAL_DF = 4e5
+#: spacing of the p-value table in u = log1p(|t|), and how far it reaches
+TABLE_STEP = 2e-4
+TABLE_T_MAX = 1e6
 #: a variance within this fraction of the mean square is rounding, i.e. 0
 ZERO_VARIANCE = 1e-13
 #: the bound on a statistic below which p ≥ padj_th is loosened by this much, so rounding in
@@ -51,6 +56,7 @@ class Prepared:
     counts: np.ndarray
     df: float  # fast_limma's residual degrees of freedom (N - K)
     squeezed: Squeezed | None
+    table: PTable | None = None
 
 
 def prepare(data: DEInput, method: str, p1: np.ndarray, p2: np.ndarray) -> Prepared:
@@ -83,7 +89,7 @@ def prepare(data: DEInput, method: str, p1: np.ndarray, p2: np.ndarray) -> Prepa
     squeezed = squeeze_var(sigma2, df)
     with np.errstate(divide="ignore"):
         inv_sd = (1.0 / np.sqrt(squeezed.var_post))[None, :]
-    return Prepared(code, inv_sd, empty, df, squeezed)
+    return Prepared(code, inv_sd, empty, df, squeezed, p_table(df))
 
 
 def _bounds(prepared: Prepared, data: DEInput, p1: np.ndarray, p2: np.ndarray, padj_th: float) -> np.ndarray:
@@ -98,71 +104,124 @@ def _bounds(prepared: Prepared, data: DEInput, p1: np.ndarray, p2: np.ndarray, p
     return special.stdtrit(df_max, 1 - padj_th / 2) * (1 - SLACK)
 
 
-def _p_values(prepared: Prepared, stats: np.ndarray, dfs: np.ndarray) -> np.ndarray:
+def _p_values(prepared: Prepared, stats: np.ndarray, dfs: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Exact p-values of each row's ``found`` candidates: a table for fast_limma's single df
+    (exact beyond it), erfc for χ² with 1 df, scipy for Welch's per-gene df."""
+    out = np.zeros(stats.shape)
     if prepared.method == kernels.CHISQ:
-        return special.chdtrc(1, stats)
-    df = np.full(len(stats), prepared.df) if prepared.method == kernels.FAST_LIMMA else dfs
-    return 2 * special.stdtr(df, -stats)
+        kernels.chisq_pvalues(stats, found, out)
+        return out
+    valid = np.arange(stats.shape[1])[None, :] < found[:, None]
+    if prepared.method == kernels.T_TEST:
+        out[valid] = 2 * special.stdtr(dfs[valid], -stats[valid])
+        return out
+    table = prepared.table
+    assert table is not None
+    kernels.table_pvalues(stats, found, table.step, table.logp, table.slope, out)
+    beyond = valid & (out < 0)
+    if beyond.any():
+        out[beyond] = t_tail(prepared.df, stats[beyond])
+    return out
+
+
+def t_tail(df: float, t: np.ndarray) -> np.ndarray:
+    """2 P(T > |t|) as R's ``pt`` computes it: for df > 4e5 R uses a normal approximation
+    (``pnorm(t (1 - 1/(4 df)) / sqrt(1 + t² / (2 df)))``), which is followed here."""
+    t = np.abs(np.asarray(t, dtype=np.float64))
+    if df > R_PT_NORMAL_DF:
+        v = 1.0 / (4.0 * df)
+        return 2 * special.ndtr(-t * (1.0 - v) / np.sqrt(1.0 + t * t * 2.0 * v))
+    return 2 * special.stdtr(df, -t)
+
+
+@dataclass(frozen=True)
+class PTable:
+    """log p of the two-sided t-test on u = log1p(|t|), every ``step``, with its slope in u."""
+
+    step: float
+    logp: np.ndarray
+    slope: np.ndarray
+
+
+def p_table(df: float, step: float = TABLE_STEP, t_max: float = TABLE_T_MAX) -> PTable:
+    """The table :func:`bigcat.de.kernels.table_p` interpolates, up to where p underflows (or t_max)."""
+    from scipy import stats as scipy_stats
+
+    u = np.arange(0.0, np.log1p(t_max) + step, step)
+    t = np.expm1(u)
+    p = t_tail(df, t)
+    end = int(np.argmax(p <= 0)) if (p <= 0).any() else len(p)
+    t, p = t[:end], p[:end]
+    with np.errstate(divide="ignore"):
+        logp = np.log(p)
+    if df > R_PT_NORMAL_DF:  # the slope of R's approximation, by the chain rule
+        v = 1.0 / (4.0 * df)
+        root = np.sqrt(1.0 + 2.0 * v * t * t)
+        z = t * (1.0 - v) / root
+        dz = (1.0 - v) / root**3
+        log_density = scipy_stats.norm.logpdf(z) + np.log(dz)
+    else:
+        log_density = scipy_stats.t.logpdf(t, df)
+    slope = -np.exp(np.log(2.0) + log_density - logp) * (1.0 + t)  # d log p / du
+    return PTable(step, logp, slope)
 
 
 def run_chunks(
     data: DEInput, prepared: Prepared, p1: np.ndarray, p2: np.ndarray, thresholds: Thresholds, *, top: int,
-    pairs_per_chunk: int = 2048, progress: Callable[[int], Any] | None = None,
+    pairs_per_chunk: int = 4096, progress: Callable[[int], Any] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:  # fmt: skip
     """``(pairs table, genes table)`` for consecutive chunks of the pairs, in order."""
+    width = int(max(64, min(CANDIDATE_BUDGET // max(pairs_per_chunk, 1), data.means.shape[1])))
     for start in range(0, len(p1), pairs_per_chunk):
         c1, c2 = p1[start : start + pairs_per_chunk], p2[start : start + pairs_per_chunk]
-        crit = _bounds(prepared, data, c1, c2, thresholds.padj_th)
-        found = np.zeros(len(c1), dtype=np.int64)
-        m = np.zeros(len(c1), dtype=np.int64)
-        kernels.candidates(
-            prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit,
-            np.zeros(len(c1) + 1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0), np.zeros(0), found, m,
-        )  # fmt: skip
-        for lo, hi in _by_budget(found):
-            yield _sub_chunk(data, prepared, c1[lo:hi], c2[lo:hi], crit[lo:hi], found[lo:hi], m[lo:hi], thresholds,
-                             top)  # fmt: skip
+        yield _chunk(data, prepared, c1, c2, thresholds, top, width)
         if progress is not None:
             progress(len(c1))
 
 
-def _by_budget(found: np.ndarray) -> Iterator[tuple[int, int]]:
-    """Ranges of pairs whose candidates fit CANDIDATE_BUDGET together (a pair alone always goes)."""
-    lo, total = 0, 0
-    for k, n in enumerate(found):
-        if k > lo and total + n > CANDIDATE_BUDGET:
-            yield lo, k
-            lo, total = k, 0
-        total += int(n)
-    if lo < len(found):
-        yield lo, len(found)
-
-
-def _sub_chunk(
-    data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, crit: np.ndarray, found: np.ndarray,
-    m: np.ndarray, th: Thresholds, top: int,
-) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    offsets = np.zeros(len(c1) + 1, dtype=np.int64)
-    np.cumsum(found, out=offsets[1:])
-    total = int(offsets[-1])
-    genes = np.zeros(max(total, 1), dtype=np.int32)
-    stats, dfs = np.zeros(max(total, 1)), np.zeros(max(total, 1))
-    if total:
-        kernels.candidates(
-            prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, offsets,
-            genes, stats, dfs, found, m,
-        )  # fmt: skip
-    pvals = _p_values(prepared, stats[:total], dfs[:total])
+def _chunk(
+    data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, th: Thresholds, top: int, width: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One chunk: a scan keeping at most ``width`` candidates per pair (the pairs with more
+    scanned again, wide enough), exact p-values for the candidates, selection."""
+    crit = _bounds(prepared, data, c1, c2, th.padj_th)
+    found, m, genes, stats, dfs = _scan(data, prepared, c1, c2, crit, width)
     summary = np.zeros((len(c1), 6))
     keep = max(top, 0)
     top_genes = np.full((len(c1), 2, keep), -1, dtype=np.int64)
     top_padj, top_pval = np.zeros((len(c1), 2, keep)), np.zeros((len(c1), 2, keep))
-    kernels.select(
-        offsets, genes[:total], pvals, m, c1, c2, data.means, data.present, data.n_cells, th.padj_th, th.lfc_th,
-        th.q1_th, -1.0 if th.q2_th is None else th.q2_th, th.q_diff_th, th.min_cells, keep, summary, top_genes,
-        top_padj, top_pval,
-    )  # fmt: skip
+    over = np.flatnonzero(found > width)
+    groups = [(np.flatnonzero(found <= width), width)]
+    if len(over):
+        groups.append((over, int(found[over].max())))
+    for rows, wide in groups:
+        if wide != width:  # the pairs with more candidates than the first scan kept: again, wide enough
+            found_o, m_o, genes_o, stats_o, dfs_o = _scan(data, prepared, c1[rows], c2[rows], crit[rows], wide)
+        else:
+            found_o, m_o, genes_o, stats_o, dfs_o = found[rows], m[rows], genes[rows], stats[rows], dfs[rows]
+        pvals = _p_values(prepared, stats_o, dfs_o, found_o)
+        part = np.zeros((len(rows), 6))
+        part_genes = np.full((len(rows), 2, keep), -1, dtype=np.int64)
+        part_padj, part_pval = np.zeros((len(rows), 2, keep)), np.zeros((len(rows), 2, keep))
+        kernels.select(
+            found_o, genes_o, stats_o, pvals, prepared.method != kernels.T_TEST, m_o, c1[rows], c2[rows], data.means,
+            data.present_counts, data.n_cells, th.padj_th, th.lfc_th, th.q1_th,
+            -1.0 if th.q2_th is None else th.q2_th, th.q_diff_th, th.min_cells, keep, part, part_genes, part_padj,
+            part_pval,
+        )  # fmt: skip
+        summary[rows], top_genes[rows], top_padj[rows], top_pval[rows] = part, part_genes, part_padj, part_pval
     return _pairs_table(data, c1, c2, summary), _genes_table(data, c1, c2, top_genes, top_padj, top_pval)
+
+
+def _scan(data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, crit: np.ndarray, width: int) -> tuple:
+    """(found, m, genes, stats, dfs): each pair's candidates in a row of at most ``width``."""
+    found = np.zeros(len(c1), dtype=np.int64)
+    m = np.zeros(len(c1), dtype=np.int64)
+    genes = np.zeros((len(c1), width), dtype=np.int32)
+    stats, dfs = np.zeros((len(c1), width)), np.zeros((len(c1), width))
+    kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, genes,
+                 stats, dfs, found, m)  # fmt: skip
+    return found, m, genes, stats, dfs
 
 
 def _pairs_table(data: DEInput, c1: np.ndarray, c2: np.ndarray, summary: np.ndarray) -> pd.DataFrame:
@@ -191,6 +250,7 @@ def _genes_table(
             "direction": np.where(side == 0, "up", "down"), "rank": rank + 1,
             "padj": top_padj[pair, side, rank], "pval": top_pval[pair, side, rank],
             "lfc": data.means[a, gene] - data.means[b, gene], "meanA": data.means[a, gene],
-            "meanB": data.means[b, gene], "q1": data.present[a, gene], "q2": data.present[b, gene],
+            "meanB": data.means[b, gene], "q1": data.present_counts[a, gene] / data.n_cells[a],
+            "q2": data.present_counts[b, gene] / data.n_cells[b],
         }
     )  # fmt: skip

@@ -25,14 +25,13 @@ class DEInput:
     n_cells: np.ndarray  # int64 per cluster
     means: np.ndarray
     sqr_means: np.ndarray | None  # None when only presence tests are asked for
-    present: np.ndarray  # fraction of cells with x ≥ low_th
-    present_counts: np.ndarray  # those cells, counted
+    present_counts: np.ndarray  # cells with x ≥ low_th (integers, as stored)
 
     def take(self, rows: np.ndarray) -> DEInput:
         """The same statistics for the clusters ``rows`` (positions), in that order."""
         return DEInput(
             self.source, self.clusters[rows], self.genes, self.n_cells[rows], self.means[rows],
-            None if self.sqr_means is None else self.sqr_means[rows], self.present[rows], self.present_counts[rows],
+            None if self.sqr_means is None else self.sqr_means[rows], self.present_counts[rows],
         )  # fmt: skip
 
 
@@ -79,10 +78,9 @@ def load_de_input(
             msg = f"{source}: no sums or means"
             raise BigcatInputError(msg)
         counts = _present_counts(ds, source, low_th, n_cells)
-        present = counts / per_cell
     return DEInput(
         source, pd.Index(np.asarray(ds["cluster"].values).astype(str)), pd.Index(np.asarray(ds["gene"].values)),
-        n_cells, means, sqr_means, present, counts,
+        n_cells, means, sqr_means, counts,
     )  # fmt: skip
 
 
@@ -117,15 +115,15 @@ def _present_counts(ds: Any, source: str, low_th: float, n_cells: np.ndarray) ->
     name, _, _ = present_test_name(f"ge{low_th:g}")
     for counts, fraction in ((f"present_counts_{name}", f"present_{name}"),):
         if counts in ds:
-            return np.asarray(ds[counts].values, dtype=np.float64)
+            return np.asarray(ds[counts].values)
         if fraction in ds:
-            return np.rint(np.asarray(ds[fraction].values, dtype=np.float64) * n_cells[:, None])
+            return np.rint(np.asarray(ds[fraction].values, dtype=np.float64) * n_cells[:, None]).astype(np.int64)
     op, threshold = ds.attrs.get("present_op", "gt"), float(ds.attrs.get("threshold", 0.0))
     if op == "ge" and threshold == low_th:
         if "present_counts" in ds:
-            return np.asarray(ds["present_counts"].values, dtype=np.float64)
+            return np.asarray(ds["present_counts"].values)
         if "present" in ds:
-            return np.rint(np.asarray(ds["present"].values, dtype=np.float64) * n_cells[:, None])
+            return np.rint(np.asarray(ds["present"].values, dtype=np.float64) * n_cells[:, None]).astype(np.int64)
     symbol = ">=" if op == "ge" else ">"
     msg = (
         f"{source}: DE counts cells with x >= {low_th:g} (scrattch's low.th), and these statistics count x "

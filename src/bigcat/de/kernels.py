@@ -19,7 +19,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "select"]
+__all__ = ["CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "chisq_pvalues", "scan", "select", "table_pvalues"]
 
 FAST_LIMMA, T_TEST, CHISQ = 0, 1, 2
 #: a gene's score is min(-log10 padj, SCORE_CAP)
@@ -30,7 +30,7 @@ SCORE_CAP = 20.0
 def _statistic(method, a, b, g, means, spread, counts, n1, n2, scale):
     """(statistic, df, defined) of gene ``g`` for pair (a, b): |t| and its df, or the χ² value."""
     if method == CHISQ:
-        x, y = counts[a, g], counts[b, g]
+        x, y = float(counts[a, g]), float(counts[b, g])
         total = n1 + n2
         present, absent = x + y, total - x - y
         stat = 0.0
@@ -86,16 +86,135 @@ def candidates(method, means, spread, counts, n_cells, p1, p2, crit, offsets, ge
             m_out[k] = m
 
 
+#: genes per block of the scan: a block's statistics are computed in one simple loop (which
+#: the compiler can vectorize), and its candidates gathered only when there is one
+BLOCK = 512
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def scan(method, means, spread, counts, n_cells, p1, p2, crit, genes, stats, dfs, found, m_out):
+    """One pass per pair: the candidates (statistic > ``crit[k]``) into row ``k`` of ``genes``,
+    ``stats`` and ``dfs`` (at most their width; ``found[k]`` counts them all, so a pair with more
+    must be gathered again with :func:`candidates`), and ``m_out[k]``, the genes with a defined p."""
+    n_genes = means.shape[1]
+    cap = genes.shape[1]
+    for k in numba.prange(len(p1)):
+        a, b = p1[k], p2[k]
+        n1, n2 = float(n_cells[a]), float(n_cells[b])
+        scale = math.sqrt(1.0 / n1 + 1.0 / n2)
+        bound = crit[k]
+        block = np.empty(BLOCK)
+        block_df = np.empty(BLOCK)
+        count = 0
+        m = 0
+        for g0 in range(0, n_genes, BLOCK):
+            g1 = min(g0 + BLOCK, n_genes)
+            hits = 0
+            if method == FAST_LIMMA:
+                row_a, row_b, weight = means[a, g0:g1], means[b, g0:g1], spread[0, g0:g1]
+                for i in range(g1 - g0):  # arithmetic alone: vectorized
+                    block[i] = abs(row_a[i] - row_b[i]) * weight[i] / scale
+                for i in range(g1 - g0):
+                    t = block[i]
+                    hits += t > bound
+                    m += t == t  # noqa: PLR0124 - not NaN, in a form the compiler vectorizes
+            else:
+                for g in range(g0, g1):
+                    stat, df, defined = _statistic(method, a, b, g, means, spread, counts, n1, n2, scale)
+                    if not defined:
+                        stat = np.nan
+                    block[g - g0] = stat
+                    block_df[g - g0] = df
+                    hits += stat > bound
+                    m += defined
+            if hits == 0:
+                continue
+            for g in range(g0, g1):
+                if block[g - g0] > bound:
+                    if count < cap:
+                        genes[k, count] = g
+                        stats[k, count] = block[g - g0]
+                        dfs[k, count] = block_df[g - g0] if method == T_TEST else 0.0
+                    count += 1
+        found[k] = count
+        m_out[k] = m
+
+
+@numba.njit(cache=True, error_model="numpy")
+def table_p(stat, step, logp, slope):
+    """p at ``stat`` from a table of log p on u = log1p(stat), every ``step``, with slopes d(log p)/du
+    (cubic Hermite); -1 beyond the table (the caller computes those exactly)."""
+    if math.isnan(stat):
+        return np.nan
+    x = math.log1p(stat) / step
+    i = int(x)
+    if i >= len(logp) - 1:
+        return -1.0
+    s = x - i
+    s2, s3 = s * s, s * s * s
+    value = (
+        (2 * s3 - 3 * s2 + 1) * logp[i]
+        + (s3 - 2 * s2 + s) * step * slope[i]
+        + (-2 * s3 + 3 * s2) * logp[i + 1]
+        + (s3 - s2) * step * slope[i + 1]
+    )
+    return math.exp(value)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def table_pvalues(stats, found, step, logp, slope, out):  # noqa: ANN001, ANN201
+    """:func:`table_p` for the ``found[k]`` candidates of each row ``k`` (in parallel)."""
+    for k in numba.prange(len(found)):
+        for i in range(found[k]):
+            out[k, i] = table_p(stats[k, i], step, logp, slope)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def chisq_pvalues(stats, found, out):  # noqa: ANN001, ANN201
+    """P(χ²₁ > x) = erfc(√(x/2)) for the candidates of each row; R's undefined statistic gives 1."""
+    for k in numba.prange(len(found)):
+        for i in range(found[k]):
+            x = stats[k, i]
+            out[k, i] = 1.0 if math.isnan(x) else math.erfc(math.sqrt(x / 2.0))
+
+
+@numba.njit(cache=True)
+def _rank(p, stat, lfc, monotone):
+    """(Holm's order: by p, ties in gene order; de_stats_pair's order: by p, then larger |lfc|).
+    With ``monotone`` (p falls as the statistic grows: one df for every gene) one sort of the
+    statistic gives both, ties of p resolved run by run."""
+    n = len(p)
+    if not monotone:
+        holm_order = np.argsort(p, kind="mergesort")
+        report = np.argsort(-np.abs(lfc), kind="mergesort")
+        return holm_order, report[np.argsort(p[report], kind="mergesort")]
+    holm_order = np.argsort(-stat)  # equal statistics give equal p: their runs are put in gene order below
+    report = holm_order.copy()
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and p[holm_order[j]] == p[holm_order[i]]:
+            j += 1
+        if j - i > 1:  # a run of equal p (p underflowed to 0, or equal statistics): gene order, then |lfc|
+            run = np.sort(holm_order[i:j])
+            holm_order[i:j] = run
+            report[i:j] = run[np.argsort(-np.abs(lfc[run]), kind="mergesort")]
+        i = j
+    return holm_order, report
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def select(
-    offsets,
+    found,
     genes,
+    stats,
     pvals,
+    monotone,
     m_of,
     p1,
     p2,
     means,
-    present,
+    present_counts,
     n_cells,
     padj_th,
     lfc_th,
@@ -109,37 +228,35 @@ def select(
     top_padj,
     top_pval,
 ):
-    """Per pair: Holm over the candidates ranked by p (ties in gene order), the genes passing
+    """Per pair ``k`` (its ``found[k]`` candidates in row ``k`` of ``genes``, ``stats`` and
+    ``pvals``): Holm over the candidates ranked by p (ties in gene order), the genes passing
     ``de_stats_pair``'s rules, scores (``summary[k]``: score, up_score, down_score, num, up_num,
     down_num) and the first ``top`` up and down genes by (p, -|lfc|) with their padj and p
     (``top_genes[k, 0|1, r]``, -1 where fewer). ``q2_th < 0`` means no q2 test."""
     for k in numba.prange(len(p1)):
-        lo, hi = offsets[k], offsets[k + 1]
+        count = found[k]
         a, b = p1[k], p2[k]
         n1, n2 = float(n_cells[a]), float(n_cells[b])
         m = m_of[k]
-        gene = genes[lo:hi]
-        p = pvals[lo:hi]
-        order = np.argsort(p, kind="mergesort")  # candidates are in gene order: ties stay so
-        padj = np.empty(hi - lo)
+        gene = genes[k, :count]
+        p = pvals[k, :count]
+        lfc = np.empty(count)
+        for j in range(count):
+            lfc[j] = means[a, gene[j]] - means[b, gene[j]]
+        order, report = _rank(p, stats[k, :count], lfc, monotone)
+        padj = np.empty(count)
         running = 0.0
-        for i in range(hi - lo):
+        for i in range(count):
             j = order[i]
             running = max(running, (m - i) * p[j])
             padj[j] = min(running, 1.0)
-        # de_stats_pair's order: p, then larger |lfc| first
-        lfc = np.empty(hi - lo)
-        for j in range(hi - lo):
-            lfc[j] = means[a, gene[j]] - means[b, gene[j]]
-        report = np.argsort(-np.abs(lfc), kind="mergesort")
-        report = report[np.argsort(p[report], kind="mergesort")]
         up_score = down_score = 0.0
         up_num = down_num = 0
         for j in report:
             if not (padj[j] < padj_th and abs(lfc[j]) > lfc_th):
                 continue
             g = gene[j]
-            q1, q2 = present[a, g], present[b, g]
+            q1, q2 = present_counts[a, g] / n1, present_counts[b, g] / n2
             q_max = max(q1, q2)
             q_diff = abs(q1 - q2) / q_max if q_max > 0 else 0.0
             if math.isnan(q_diff):
