@@ -429,7 +429,7 @@ def test_pairs_with_more_candidates_than_the_first_scan_keeps(atlas, monkeypatch
     monkeypatch.setattr(bigcat.de.engine, "CANDIDATE_BUDGET", 1)
     real, widths = bigcat.de.engine._scan, []
 
-    def spy(*args):  # noqa: ANN002, ANN202
+    def spy(*args):
         widths.append(args[-1])
         return real(*args)
 

@@ -162,7 +162,7 @@ def table_p(stat, step, logp, slope):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def table_pvalues(stats, found, step, logp, slope, out):  # noqa: ANN001, ANN201
+def table_pvalues(stats, found, step, logp, slope, out):
     """:func:`table_p` for the ``found[k]`` candidates of each row ``k`` (in parallel)."""
     for k in numba.prange(len(found)):
         for i in range(found[k]):
@@ -170,7 +170,7 @@ def table_pvalues(stats, found, step, logp, slope, out):  # noqa: ANN001, ANN201
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def chisq_pvalues(stats, found, out):  # noqa: ANN001, ANN201
+def chisq_pvalues(stats, found, out):
     """P(χ²₁ > x) = erfc(√(x/2)) for the candidates of each row; R's undefined statistic gives 1."""
     for k in numba.prange(len(found)):
         for i in range(found[k]):
