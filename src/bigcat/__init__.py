@@ -16,7 +16,7 @@ from bigcat.mapping import knn, map_cells
 from bigcat.marker_genes import markers
 from bigcat.plot import dotplot, heatmap
 from bigcat.sample import sample
-from bigcat.stats import cluster_stats, merge_stats, read_stats, write_stats
+from bigcat.stats import cluster_stats, merge_stats, read_stats, rollup, write_stats
 from bigcat.synth import synth
 
 try:
@@ -42,6 +42,7 @@ __all__ = [
     "merge_stats",
     "open_dataset",
     "read_stats",
+    "rollup",
     "sample",
     "synth",
     "to_anndata",

@@ -12,11 +12,13 @@ disjoint cells exactly; :func:`read_stats` and :func:`write_stats` move them to 
 - :mod:`~bigcat.stats.blocks` (the compiled single-pass engine) and
   :mod:`~bigcat.stats.groupby` (xarray + flox, the reference);
 - :mod:`~bigcat.stats.lazy`: the float32 statistics computed from the accumulators when read;
-- :mod:`~bigcat.stats.api` and :mod:`~bigcat.stats.formats`: the public functions.
+- :mod:`~bigcat.stats.api` and :mod:`~bigcat.stats.formats`: the public functions;
+- :mod:`~bigcat.stats.rollup`: statistics of a taxonomy's coarser levels, by adding accumulators.
 """
 
 from bigcat.stats.api import cluster_stats, merge_stats
 from bigcat.stats.formats import read_stats, write_stats
+from bigcat.stats.rollup import rollup
 from bigcat.stats.statistics import (
     DEFAULT_STATS,
     STATISTICS,
@@ -34,5 +36,6 @@ __all__ = [
     "merge_stats",
     "present_test_name",
     "read_stats",
+    "rollup",
     "write_stats",
 ]
