@@ -746,6 +746,115 @@ def run_knn(n_repeat: int) -> tuple[str, dict]:
     return "\n".join(lines), results
 
 
+DE_SUBSET = """
+import sys, bigcat
+stats = bigcat.read_stats(sys.argv[1])
+bigcat.write_stats(stats.isel(cluster=slice(0, int(sys.argv[3]))), sys.argv[2], overwrite=True)
+"""
+
+DE_SCIPY = """
+import sys, time, numpy as np, pandas as pd, scipy.stats, bigcat
+stats = bigcat.read_stats(sys.argv[1]).load()
+pairs = pd.read_parquet(sys.argv[2]).head(int(sys.argv[3]))
+n = stats["n_cells"].values.astype(float)
+index = {c: i for i, c in enumerate(stats["cluster"].values.astype(str))}
+t = time.perf_counter()
+means = stats["sums"].values / n[:, None]
+var = (stats["sqr_sums"].values / n[:, None] - means**2) * n[:, None] / (n[:, None] - 1)
+for p1, p2 in zip(pairs["P1"], pairs["P2"]):
+    a, b = index[p1], index[p2]
+    p = scipy.stats.ttest_ind_from_stats(means[a], np.sqrt(np.maximum(var[a], 0)), n[a], means[b],
+                                         np.sqrt(np.maximum(var[b], 0)), n[b], equal_var=False).pvalue
+    ok = ~np.isnan(p)
+    order = np.argsort(p[ok], kind="stable")
+    padj = np.minimum(np.maximum.accumulate((ok.sum() - np.arange(ok.sum())) * p[ok][order]), 1)
+print(time.perf_counter() - t, len(pairs))
+"""
+
+DE_R = """
+args <- commandArgs(trailingOnly = TRUE)
+library(limma)
+m <- as.matrix(read.csv(args[1], header = FALSE)); s2 <- scan(args[2], quiet = TRUE)
+n <- scan(args[3], quiet = TRUE); df <- sum(n) - length(n); k <- as.integer(args[4])
+t0 <- Sys.time()
+for (j in 2:(k + 1)) {
+  fit <- suppressWarnings(squeezeVar(s2, df))  # simple_ebayes moderates the variances for every pair
+  t <- (m[1, ] - m[j, ]) / sqrt(1 / n[1] + 1 / n[j]) / sqrt(fit$var.post)
+  padj <- p.adjust(2 * pt(-abs(t), df = min(df + fit$df.prior, df)))
+}
+cat(as.numeric(difftime(Sys.time(), t0, units = "secs")), k, "\n")
+"""
+
+DE_R_INPUTS = """
+import sys, numpy as np, bigcat
+stats = bigcat.read_stats(sys.argv[1]).load()
+n = stats["n_cells"].values.astype(float)
+means = stats["sums"].values / n[:, None]
+df = n.sum() - len(n)
+sigma2 = (stats["sqr_sums"].values - stats["sums"].values ** 2 / n[:, None]).sum(axis=0) / df
+np.savetxt(sys.argv[2], means[: int(sys.argv[5]) + 1], delimiter=",", fmt="%.17g")
+np.savetxt(sys.argv[3], sigma2, fmt="%.17g")
+np.savetxt(sys.argv[4], n, fmt="%.17g")
+"""
+
+
+def run_de(n_repeat: int, full: bool) -> tuple[str, dict]:
+    """``bigcat de`` from the statistics of dataset S with 5,000 clusters: nearest-cluster pairs,
+    all pairs of 1,000 clusters (and of all 5,000 with ``--scale M``), against scipy and R per pair."""
+    import shutil
+
+    stats = DATA / "de-stats-S-5000cl.zarr"
+    if not stats.exists():
+        print("[de] statistics of S (5,000 clusters) with sums, sqr_sums and presence x >= 1", flush=True)
+        measure([*BIGCAT, "stats", str(dataset("S", 5000)), "--stats", "sums,sqr_sums", "--normalize", "log2cpm",
+                 "--present-at", "ge1", "--cluster", "threads", "--out", str(stats), "--quiet"])  # fmt: skip
+    subset = DATA / "de-stats-S-1000cl.zarr"
+    if not subset.exists():
+        measure([sys.executable, "-c", DE_SUBSET, str(stats), str(subset), "1000"])
+    out = DATA / "de-out"
+    results: dict = {}
+    runs = [("neighbors:4, 5,000 clusters", stats, "neighbors:4"), ("all pairs, 1,000 clusters", subset, "all")]
+    if full:
+        runs.append(("all pairs, 5,000 clusters", stats, "all"))
+    for name, source, pairs in runs:
+        print(f"[de] {name} ×{n_repeat}", flush=True)
+        results[name] = repeat([*BIGCAT, "de", str(source), "--pairs", pairs, "--out", str(out), "--overwrite",
+                                "--quiet"], n_repeat)  # fmt: skip
+        results[name]["pairs"] = len(__import__("pandas").read_parquet(out / "pairs.parquet"))
+    shutil.copy(out / "pairs.parquet", DATA / "de-pairs.parquet")
+    scipy_run = measure([sys.executable, "-c", DE_SCIPY, str(subset), str(DATA / "de-pairs.parquet"), "2000"])
+    results["scipy"] = dict(zip(("seconds", "pairs"), map(float, scipy_run["stdout"].split()), strict=True))
+    if shutil.which("Rscript"):
+        files = [str(DATA / f"de-r-{x}.txt") for x in ("means", "sigma2", "n")]
+        measure([sys.executable, "-c", DE_R_INPUTS, str(subset), *files, "200"])
+        script = DATA / "de-r.R"
+        script.write_text(DE_R)
+        r_run = measure(["Rscript", str(script), *files, "200"])
+        results["R"] = dict(zip(("seconds", "pairs"), map(float, r_run["stdout"].split()), strict=True))
+    lines = [
+        "### Pairwise DE from cluster statistics",
+        "",
+        "`bigcat de STATS --pairs … --out DIR` (fast_limma, de_param defaults, top 50 genes per direction), the "
+        "statistics of dataset S with 5,000 clusters (sums, sqr_sums, presence x ≥ 1 of log2 CPM); whole process, "
+        "reading the statistics and writing pairs.parquet and genes.parquet included.",
+        "",
+        "| pairs | count | wall (median, min–max) | pairs/s | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for name, _, _ in runs:
+        m = results[name]
+        lines.append(f"| {name} | {m['pairs']:,} | {m['wall']:.1f} s ({m['wall_min']:.1f}–{m['wall_max']:.1f}) | "
+                     f"{m['pairs'] / m['wall']:,.0f} | {gib(m['rss'])} |")  # fmt: skip
+    sci = results["scipy"]
+    lines += ["", f"- scipy per pair (`ttest_ind_from_stats` + Holm in NumPy, a Python loop), first "
+              f"{sci['pairs']:,.0f} of those pairs: {sci['pairs'] / sci['seconds']:,.0f} pairs/s."]  # fmt: skip
+    if "R" in results:
+        r = results["R"]
+        lines.append(f"- R (limma's squeezeVar + pt + p.adjust per pair, as scrattch's simple_ebayes runs per pair), "
+                     f"{r['pairs']:,.0f} pairs: {r['pairs'] / r['seconds']:,.1f} pairs/s.")  # fmt: skip
+    return "\n".join(lines), results
+
+
 def run_scaling(n_repeat: int, full: bool) -> tuple[str, dict]:
     """bigcat ``blocks`` end to end vs cells (50k, 200k[, 1M]) and vs clusters (50, 500, 5,000)."""
     import h5py
@@ -859,14 +968,15 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument(
         "--only",
-        choices=["convert", "stats", "outputs", "s3", "scaling", "map", "knn"],
+        choices=["convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de"],
         help="Run one group of benchmarks.",
     )
     parser.add_argument("--clusters", nargs="+", type=int, default=[50, 5000], help="Cluster counts for stats.")
     parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
-    sections: dict[str, list[str]] = {g: [] for g in ("convert", "stats", "outputs", "s3", "scaling", "map", "knn")}
+    groups = ("convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de")
+    sections: dict[str, list[str]] = {g: [] for g in groups}
 
     def record(group: str, name: str, text: str, results: object) -> None:
         print(text, flush=True)
@@ -889,6 +999,8 @@ def main() -> None:
         record("map", "map", *run_map(ARGS.repeat))
     if ARGS.only in (None, "knn"):
         record("knn", "knn", *run_knn(ARGS.repeat))
+    if ARGS.only in (None, "de"):
+        record("de", "de", *run_de(ARGS.repeat, full="M" in ARGS.scale))
     write_report({group: "\n\n".join(texts) for group, texts in sections.items() if texts}, ARGS.report)
     print(f"wrote {ARGS.report}")
 

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from bigcat.cluster import connect
 from bigcat.convert import convert
 from bigcat.dataset import open_dataset, to_anndata
-from bigcat.de import DEResult, de_pairs
+from bigcat.de import DEResult, MergeResult, de_pairs, merge_clusters
 from bigcat.errors import BigcatError, BigcatFormatError, BigcatInputError
 from bigcat.mapping import knn, map_cells
 from bigcat.marker_genes import markers
@@ -29,6 +29,7 @@ __all__ = [
     "BigcatFormatError",
     "BigcatInputError",
     "DEResult",
+    "MergeResult",
     "__version__",
     "cluster_stats",
     "connect",
@@ -39,6 +40,7 @@ __all__ = [
     "knn",
     "map_cells",
     "markers",
+    "merge_clusters",
     "merge_stats",
     "open_dataset",
     "read_stats",

@@ -217,6 +217,7 @@ CSV_HEADERS = (
     "gene,",  # statistics (--wide)
     "cell,cluster,score",  # map
     "cluster,rank,gene",  # markers
+    "cluster,merged",  # merge mapping
 )
 
 

@@ -1,4 +1,4 @@
-"""The ``de`` command: pairwise differential expression from cluster statistics."""
+"""The ``de`` and ``merge`` commands: pairwise differential expression and cluster merging from statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from bigcat.cli._app import Overwrite, Quiet, StorageOptions, _progress, app, parse_storage_options
 
-__all__ = ["de"]
+__all__ = ["de", "merge"]
 
 Pairs = Annotated[
     str,
@@ -54,3 +54,41 @@ def de(
         overwrite=overwrite, storage_options=parse_storage_options(storage_option), progress=_progress(quiet),
     )  # fmt: skip
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def merge(
+    stats_path: Annotated[str, typer.Argument(metavar="STATS", help="Statistics (bigcat stats --out …).")],
+    out: Annotated[str, typer.Option("--out", help="Merged statistics: .zarr, .parquet, .csv or .h5ad.")],
+    mapping: Annotated[str, typer.Option("--mapping", help="Old → new cluster table: .csv or .parquet.")],
+    de_score_th: Annotated[float, typer.Option("--de-score-th", help="Pairs scoring below this merge.")] = 150.0,
+    min_genes: Annotated[int, typer.Option("--min-genes", help="Pairs with fewer DE genes merge.")] = 5,
+    k: Annotated[int, typer.Option("--k", help="Nearest clusters tested against each cluster.")] = 4,
+    merge_type: Annotated[str, typer.Option("--merge-type", help="undirectional or directional.")] = "undirectional",
+    method: Method = "fast_limma",
+    q1_th: Annotated[float, typer.Option("--q1-th", help="As for bigcat de.")] = 0.5,
+    q_diff_th: Annotated[float, typer.Option("--q-diff-th", help="As for bigcat de.")] = 0.7,
+    min_cells: Annotated[int, typer.Option("--min-cells", help="Smaller clusters join their nearest first.")] = 4,
+    scale: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--scale", help="log: X held log2(CPM+1) (default: the statistics say)."),
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to show here)
+    storage_option: StorageOptions = None,
+) -> None:
+    """Merge clusters that are not distinct (scrattch.bigcat's merge_cl), from statistics alone."""
+    from bigcat.de import merge_clusters
+    from bigcat.marker_genes import write_table
+    from bigcat.stats import write_stats
+
+    options = parse_storage_options(storage_option)
+    result = merge_clusters(
+        stats_path, de_score_th=de_score_th, min_genes=min_genes, k=k, merge_type=cast("Any", merge_type),
+        method=cast("Any", method), q1_th=q1_th, q_diff_th=q_diff_th, min_cells=min_cells, scale=cast("Any", scale),
+        storage_options=options,
+    )  # fmt: skip
+    for path in write_stats(result.stats, out, overwrite=overwrite, storage_options=options):
+        typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {write_table(result.mapping, mapping, overwrite=overwrite, storage_options=options)}")
+    typer.echo(f"{len(result.mapping)} clusters → {result.mapping['merged'].nunique()}")

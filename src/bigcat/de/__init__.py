@@ -5,9 +5,11 @@
 - :mod:`~bigcat.de.pairs`: which pairs (all, nearest clusters, siblings, a table);
 - :mod:`~bigcat.de.limma`: limma's variance moderation and Holm's adjustment;
 - :mod:`~bigcat.de.kernels` and :mod:`~bigcat.de.engine`: the all-pairs engine;
-- :mod:`~bigcat.de.api`: :func:`de_pairs`.
+- :mod:`~bigcat.de.api`: :func:`de_pairs`;
+- :mod:`~bigcat.de.merge`: :func:`merge_clusters` (scrattch's ``merge_cl``).
 """
 
 from bigcat.de.api import DEResult, de_pairs
+from bigcat.de.merge import MergeResult, merge_clusters
 
-__all__ = ["DEResult", "de_pairs"]
+__all__ = ["DEResult", "MergeResult", "de_pairs", "merge_clusters"]
