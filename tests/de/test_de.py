@@ -439,3 +439,20 @@ def test_pairs_with_more_candidates_than_the_first_scan_keeps(atlas, monkeypatch
         check_against_reference(stats, method, result, lfc_th=0.2, q1_th=0.1, q_diff_th=0.0, padj_th=0.5)
     assert widths[0] == 64
     assert max(widths) > 64  # some pairs had more candidates and were scanned again
+
+
+def test_matrix_of_scores_and_its_heatmap(atlas, tmp_path) -> None:
+    stats, _ = atlas
+    out = tmp_path / "de"
+    result = de_pairs(stats, "neighbors:3", "chisq", out=out, matrix="num")
+    assert result == out
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    grid = pd.read_parquet(out / "matrix-num.parquet")
+    assert list(grid.index) == list(grid.columns)  # one order for rows and columns (the tree's)
+    for p1, p2, num in zip(pairs["P1"], pairs["P2"], pairs["num"], strict=True):
+        assert grid.loc[p1, p2] == num == grid.loc[p2, p1]
+    tested = len(pairs) * 2
+    assert int(np.isfinite(grid.to_numpy()).sum()) == tested  # untested pairs (and the diagonal) are NaN
+    assert (out / "matrix-num.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(BigcatInputError, match="needs out"):
+        de_pairs(stats, "neighbors:3", "chisq", matrix="num")

@@ -37,6 +37,10 @@ def de(
     min_cells: Annotated[int, typer.Option("--min-cells", help="Clusters with fewer cells take no part.")] = 4,
     low_th: Annotated[float, typer.Option("--low-th", help="Present means x >= this.")] = 1.0,
     top: Annotated[int, typer.Option("--top", help="Genes of each direction kept per pair.")] = 50,
+    matrix: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--matrix", help="score or num: also the clusters × clusters matrix and its heatmap."),
+    ] = None,
     scale: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option("--scale", help="log: X held log2(CPM+1) (default: the statistics say)."),
@@ -51,6 +55,7 @@ def de(
     path = de_pairs(
         stats_path, pairs, cast("Any", method), padj_th=padj_th, lfc_th=lfc_th, q1_th=q1_th, q2_th=q2_th,
         q_diff_th=q_diff_th, min_cells=min_cells, low_th=low_th, top=top, scale=cast("Any", scale), out=out,
+        matrix=cast("Any", matrix),
         overwrite=overwrite, storage_options=parse_storage_options(storage_option), progress=_progress(quiet),
     )  # fmt: skip
     typer.echo(f"wrote {path}")

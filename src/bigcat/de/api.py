@@ -52,6 +52,7 @@ def de_pairs(
     top: int = 50,
     scale: Literal["log"] | None = None,
     out: str | os.PathLike | None = None,
+    matrix: Literal["score", "num"] | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
     progress: bool | None = None,
@@ -88,6 +89,11 @@ def de_pairs(
     out
         A folder to write ``pairs.parquet`` and ``genes.parquet`` into (in bounded memory,
         atomically; any fsspec URL); ``None`` returns the tables.
+    matrix
+        With ``out``, also the clusters × clusters matrix of this field of the pairs (scrattch's
+        ``get_de_matrix``; NaN for pairs not tested) as ``matrix-<field>.parquet``, and a heatmap
+        of log10(1 + value) in the order of an average-linkage tree of the cluster means
+        (``matrix-<field>.png``).
     overwrite, storage_options, progress
         As elsewhere in bigcat.
 
@@ -105,6 +111,9 @@ def de_pairs(
     """
     th = Thresholds(padj_th, lfc_th, q1_th, q2_th, q_diff_th, int(min_cells))
     _check_options(method, th, low_th, top)
+    if matrix is not None and (matrix not in ("score", "num") or out is None):
+        msg = "matrix must be 'score' or 'num', and needs out= (the folder it is written to)"
+        raise BigcatInputError(msg)
     data = load_de_input(stats, low_th=low_th, need_squares=method != "chisq", scale=scale,
                          storage_options=storage_options)  # fmt: skip
     p1, p2 = resolve_pairs(pairs, data.clusters, data.n_cells, data.means, min_cells=th.min_cells,
@@ -129,7 +138,8 @@ def de_pairs(
                 pd.concat([g for _, g in parts], ignore_index=True),
                 attrs,
             )
-        return _write(chunks, out, attrs, overwrite=overwrite, storage_options=storage_options)
+        grid = _Matrix(data, matrix) if matrix else None
+        return _write(chunks, out, attrs, overwrite=overwrite, storage_options=storage_options, matrix=grid)
 
 
 def _check_options(method: str, th: Thresholds, low_th: float, top: int) -> None:
@@ -153,7 +163,7 @@ def _check_options(method: str, th: Thresholds, low_th: float, top: int) -> None
 
 
 def _write(chunks: Any, out: str | os.PathLike, attrs: dict, *, overwrite: bool,
-           storage_options: dict | None) -> Path | str:  # fmt: skip
+           storage_options: dict | None, matrix: _Matrix | None = None) -> Path | str:  # fmt: skip
     """pairs.parquet and genes.parquet streamed chunk by chunk, the folder published atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -169,6 +179,8 @@ def _write(chunks: Any, out: str | os.PathLike, attrs: dict, *, overwrite: bool,
         writers: dict[str, Any] = {}
         try:
             for pairs_table, genes_table in chunks:
+                if matrix is not None:
+                    matrix.add(pairs_table)
                 for name, frame in (("pairs", pairs_table), ("genes", genes_table)):
                     table = pa.Table.from_pandas(frame, preserve_index=False)
                     if name not in writers:
@@ -179,6 +191,58 @@ def _write(chunks: Any, out: str | os.PathLike, attrs: dict, *, overwrite: bool,
         finally:
             for writer in writers.values():
                 writer.close()
+        if matrix is not None:
+            matrix.write(folder)
         write_folder_marker(folder, {"kind": "de", **{k: v for k, v in attrs.items() if not isinstance(v, float)
                                                         or np.isfinite(v)}})  # fmt: skip
     return fs.path_of(out)
+
+
+class _Matrix:
+    """The clusters × clusters matrix of one field of the pairs table, filled chunk by chunk."""
+
+    def __init__(self, data: Any, field: str) -> None:
+        self.field = field
+        self.names = np.asarray(data.clusters, dtype=str)
+        self.position = pd.Series(np.arange(len(self.names)), index=self.names)
+        self.values = np.full((len(self.names), len(self.names)), np.nan, dtype=np.float32)
+        self.means = data.means
+
+    def add(self, pairs: pd.DataFrame) -> None:
+        a = self.position[pairs["P1"].astype(str).to_numpy()].to_numpy()
+        b = self.position[pairs["P2"].astype(str).to_numpy()].to_numpy()
+        self.values[a, b] = self.values[b, a] = pairs[self.field].to_numpy()
+
+    def write(self, folder: Path) -> None:
+        """matrix-<field>.parquet (tested clusters only, in tree order) and its heatmap."""
+        from bigcat.plot import _order
+
+        rows = np.flatnonzero(~np.isnan(self.values).all(axis=1))
+        rows = rows[_order(self.means[rows])]
+        names = self.names[rows]
+        grid = self.values[np.ix_(rows, rows)]
+        pd.DataFrame(grid, index=pd.Index(names, name="cluster"), columns=names).to_parquet(
+            folder / f"matrix-{self.field}.parquet"
+        )
+        _heatmap(grid, names, self.field, folder / f"matrix-{self.field}.png")
+
+
+def _heatmap(grid: np.ndarray, names: np.ndarray, field: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    side = float(np.clip(len(names) / 40, 4, 24))
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.log10(1 + grid), cmap="jet", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=f"log10(1 + {field})")
+    if len(names) <= 200:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(f"DE {field} between clusters ({len(names):,})")
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": "bigcat"})
