@@ -456,3 +456,18 @@ def test_matrix_of_scores_and_its_heatmap(atlas, tmp_path) -> None:
     assert (out / "matrix-num.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(BigcatInputError, match="needs out"):
         de_pairs(stats, "neighbors:3", "chisq", matrix="num")
+
+
+def test_a_chunk_with_no_gene_selected_keeps_the_tables_typed(atlas, tmp_path, monkeypatch) -> None:
+    """A first chunk whose pairs select no gene must not give the genes table null columns."""
+    import bigcat.de.engine
+
+    stats, _ = atlas
+    monkeypatch.setattr(bigcat.de.engine, "PAIRS_PER_CHUNK", 1)
+    same = stats.sel(cluster=["cl0000", "cl0000", "cl0001"]).assign_coords(cluster=["a", "b", "c"])
+    table = pd.DataFrame({"P1": ["a", "a"], "P2": ["b", "c"]})  # a and b are one cluster: nothing differs
+    de_pairs(same, table, "t.test", out=tmp_path / "de")
+    genes = pd.read_parquet(tmp_path / "de" / "genes.parquet")
+    assert set(genes["pair"]) == {"a_c"}
+    assert genes["gene"].dtype == object
+    assert pd.read_parquet(tmp_path / "de" / "pairs.parquet")["num"].tolist()[0] == 0

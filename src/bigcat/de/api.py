@@ -25,6 +25,24 @@ log = logging.getLogger("bigcat")
 ROW_GROUP = 1 << 20
 
 
+def _schemas() -> dict:
+    """The tables' fixed schemas (a chunk with no gene selected must not make a column null)."""
+    import pyarrow as pa
+
+    text, count, value = pa.string(), pa.int64(), pa.float64()
+    return {
+        "pairs": pa.schema(
+            [("P1", text), ("P2", text), ("n1", count), ("n2", count), ("score", value), ("up_score", value),
+             ("down_score", value), ("num", count), ("up_num", count), ("down_num", count)]
+        ),
+        "genes": pa.schema(
+            [("pair", text), ("P1", text), ("P2", text), ("gene", text), ("direction", text), ("rank", count),
+             ("padj", value), ("pval", value), ("lfc", value), ("meanA", value), ("meanB", value), ("q1", value),
+             ("q2", value)]
+        ),
+    }  # fmt: skip
+
+
 @dataclass
 class DEResult:
     """``pairs``: one row per pair (P1, P2, n1, n2, score, up_score, down_score, num, up_num,
@@ -173,6 +191,7 @@ def _write(chunks: Any, out: str | os.PathLike, attrs: dict, *, overwrite: bool,
 
     refuse_input_as_output(out, [attrs["source"]])
     metadata = {b"bigcat": json.dumps(attrs, default=str).encode()}
+    schemas = _schemas()
     with publish(out, overwrite=overwrite, storage_options=storage_options, kind="folder") as tmp:
         folder = Path(tmp)
         folder.mkdir(exist_ok=True)
@@ -182,11 +201,10 @@ def _write(chunks: Any, out: str | os.PathLike, attrs: dict, *, overwrite: bool,
                 if matrix is not None:
                     matrix.add(pairs_table)
                 for name, frame in (("pairs", pairs_table), ("genes", genes_table)):
-                    table = pa.Table.from_pandas(frame, preserve_index=False)
+                    schema = schemas[name].with_metadata(metadata)
+                    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
                     if name not in writers:
-                        writers[name] = pq.ParquetWriter(
-                            folder / f"{name}.parquet", table.schema.with_metadata(metadata)
-                        )
+                        writers[name] = pq.ParquetWriter(folder / f"{name}.parquet", schema)
                     writers[name].write_table(table, row_group_size=ROW_GROUP)
         finally:
             for writer in writers.values():

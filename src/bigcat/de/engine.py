@@ -21,6 +21,8 @@ __all__ = ["METHODS", "Thresholds", "prepare", "run_chunks"]
 log = logging.getLogger("bigcat")
 
 METHODS = {"fast_limma": kernels.FAST_LIMMA, "t.test": kernels.T_TEST, "chisq": kernels.CHISQ}
+#: pairs per chunk: the unit of the tables written, and of the parallel scan
+PAIRS_PER_CHUNK = 4096
 #: candidate genes held at once (per chunk of pairs): bounds the engine's memory
 CANDIDATE_BUDGET = 8_000_000
 #: above this many degrees of freedom R's ``pt`` uses a normal approximation (nmath/pt.c)
@@ -168,9 +170,10 @@ def p_table(df: float, step: float = TABLE_STEP, t_max: float = TABLE_T_MAX) -> 
 
 def run_chunks(
     data: DEInput, prepared: Prepared, p1: np.ndarray, p2: np.ndarray, thresholds: Thresholds, *, top: int,
-    pairs_per_chunk: int = 4096, progress: Callable[[int], Any] | None = None,
+    pairs_per_chunk: int | None = None, progress: Callable[[int], Any] | None = None,
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:  # fmt: skip
     """``(pairs table, genes table)`` for consecutive chunks of the pairs, in order."""
+    pairs_per_chunk = pairs_per_chunk or PAIRS_PER_CHUNK
     width = int(max(64, min(CANDIDATE_BUDGET // max(pairs_per_chunk, 1), data.means.shape[1])))
     for start in range(0, len(p1), pairs_per_chunk):
         c1, c2 = p1[start : start + pairs_per_chunk], p2[start : start + pairs_per_chunk]
@@ -246,7 +249,7 @@ def _genes_table(
     return pd.DataFrame(
         {
             "pair": names[a] + "_" + names[b], "P1": names[a], "P2": names[b],
-            "gene": np.asarray(data.genes, dtype=object)[gene],
+            "gene": np.asarray(data.genes).astype(str).astype(object)[gene],
             "direction": np.where(side == 0, "up", "down"), "rank": rank + 1,
             "padj": top_padj[pair, side, rank], "pval": top_pval[pair, side, rank],
             "lfc": data.means[a, gene] - data.means[b, gene], "meanA": data.means[a, gene],
