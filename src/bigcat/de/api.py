@@ -137,6 +137,7 @@ def de_pairs(
     p1, p2 = resolve_pairs(pairs, data.clusters, data.n_cells, data.means, min_cells=th.min_cells,
                            source=data.source, storage_options=storage_options)  # fmt: skip
     prepared = prepare(data, method, p1, p2)
+    data.sqr_means = None  # folded into the method's arrays: not held through the scan
     attrs = {
         "method": method, "padj_th": padj_th, "lfc_th": lfc_th, "q1_th": q1_th, "q2_th": q2_th,
         "q_diff_th": q_diff_th, "min_cells": int(min_cells), "low_th": low_th, "top": top,

@@ -101,7 +101,9 @@ def _check_scale(ds: Any, source: str, scale: str | None) -> None:
 def _per_cell(ds: Any, total: str, mean: str, n: np.ndarray) -> np.ndarray | None:
     """A total per cell (divided, as R divides), or the mean as stored."""
     if total in ds:
-        return np.asarray(ds[total].values, dtype=np.float64) / n
+        values = ds[total].values
+        out = np.empty(values.shape, dtype=np.float64)
+        return np.divide(values, n, out=out)
     if mean in ds:
         return np.asarray(ds[mean].values, dtype=np.float64)
     return None

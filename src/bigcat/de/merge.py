@@ -11,6 +11,7 @@ import pandas as pd
 
 from bigcat.de.engine import Thresholds, prepare, run_chunks
 from bigcat.de.inputs import DEInput, load_de_input
+from bigcat.de.pairs import centroid_coordinates
 from bigcat.errors import BigcatInputError
 
 __all__ = ["MergeResult", "merge_clusters"]
@@ -35,18 +36,12 @@ class MergeResult:
 class _Clusters:
     """The clusters as they merge: accumulators added, centroids weighted, neighbours kept."""
 
-    def __init__(self, data: DEInput, sums_sq: np.ndarray | None, n_components: int) -> None:
+    def __init__(self, data: DEInput, n_components: int) -> None:
         self.data = data
         self.alive = np.flatnonzero(data.n_cells > 0)
-        self.sums = data.means * data.n_cells[:, None]
-        self.sqr_sums = sums_sq
-        self.counts = data.present_counts.astype(np.int64)
-        x = np.nan_to_num(data.means[self.alive])
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        basis = vt[: min(n_components, len(self.alive))].T
-        self.centroids = np.zeros((len(data.n_cells), basis.shape[1]))
-        self.centroids[self.alive] = centred @ basis
+        coords = centroid_coordinates(data.means, self.alive, n_components)
+        self.centroids = np.zeros((len(data.n_cells), coords.shape[1]))
+        self.centroids[self.alive] = coords
         names = np.asarray(data.clusters, dtype=str)
         numeric = all(name.lstrip("-").isdigit() for name in names)
         #: scrattch's cluster ids: a merged pair keeps the smaller one
@@ -54,20 +49,18 @@ class _Clusters:
         self.owner = np.arange(len(names))  # which surviving cluster each original one is in now
 
     def merge(self, keep: int, gone: int) -> None:
-        n = self.data.n_cells
+        """``gone`` into ``keep``: sizes and counts add, means are the weighted means (the tests
+        of the next rounds use these; the merged statistics returned are added exactly)."""
+        n, data = self.data.n_cells, self.data
         total = n[keep] + n[gone]
-        self.centroids[keep] = (self.centroids[keep] * n[keep] + self.centroids[gone] * n[gone]) / total
-        self.sums[keep] += self.sums[gone]
-        if self.sqr_sums is not None:
-            self.sqr_sums[keep] += self.sqr_sums[gone]
-        self.counts[keep] += self.counts[gone]
+        w_keep, w_gone = n[keep] / total, n[gone] / total
+        self.centroids[keep] = self.centroids[keep] * w_keep + self.centroids[gone] * w_gone
+        data.means[keep] = data.means[keep] * w_keep + data.means[gone] * w_gone
+        if data.sqr_means is not None:
+            data.sqr_means[keep] = data.sqr_means[keep] * w_keep + data.sqr_means[gone] * w_gone
+        data.present_counts[keep] += data.present_counts[gone]
         n[keep] = total
         n[gone] = 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.data.means[keep] = self.sums[keep] / total
-            if self.sqr_sums is not None and self.data.sqr_means is not None:
-                self.data.sqr_means[keep] = self.sqr_sums[keep] / total
-        self.data.present_counts[keep] = self.counts[keep]
         self.owner[self.owner == gone] = keep
         self.alive = self.alive[self.alive != gone]
 
@@ -140,13 +133,12 @@ def merge_clusters(
         raise BigcatInputError(msg)
     data = load_de_input(stats, low_th=low_th, need_squares=method != "chisq", scale=scale,
                          storage_options=storage_options)  # fmt: skip
-    sums_sq = None if data.sqr_means is None else data.sqr_means * data.n_cells[:, None]
     data.n_cells = data.n_cells.copy()
     data.means = data.means.copy()
     if data.sqr_means is not None:
         data.sqr_means = data.sqr_means.copy()
     data.present_counts = data.present_counts.astype(np.int64)
-    state = _Clusters(data, sums_sq, n_components)
+    state = _Clusters(data, n_components)
     _merge_small(state, th.min_cells)
     scores: dict[tuple[int, int], pd.Series] = {}
     rounds = 0
