@@ -430,7 +430,7 @@ def test_pairs_with_more_candidates_than_the_first_scan_keeps(atlas, monkeypatch
     real, widths = bigcat.de.engine._scan, []
 
     def spy(*args):
-        widths.append(args[-1])
+        widths.append(args[-1].width)
         return real(*args)
 
     monkeypatch.setattr(bigcat.de.engine, "_scan", spy)

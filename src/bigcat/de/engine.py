@@ -106,24 +106,23 @@ def _bounds(prepared: Prepared, data: DEInput, p1: np.ndarray, p2: np.ndarray, p
     return special.stdtrit(df_max, 1 - padj_th / 2) * (1 - SLACK)
 
 
-def _p_values(prepared: Prepared, stats: np.ndarray, dfs: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """Exact p-values of each row's ``found`` candidates: a table for fast_limma's single df
-    (exact beyond it), erfc for χ² with 1 df, scipy for Welch's per-gene df."""
-    out = np.zeros(stats.shape)
+def _p_values(prepared: Prepared, rows: Any, found: np.ndarray) -> None:
+    """Exact p-values of each row's ``found`` candidates into ``rows.pvals``: a table for
+    fast_limma's single df (exact beyond it), erfc for χ² with 1 df, scipy for Welch's df."""
+    out = rows.pvals
     if prepared.method == kernels.CHISQ:
-        kernels.chisq_pvalues(stats, found, out)
-        return out
-    valid = np.arange(stats.shape[1])[None, :] < found[:, None]
+        kernels.chisq_pvalues(rows.stats, found, out)
+        return
+    valid = np.arange(rows.stats.shape[1])[None, :] < found[:, None]
     if prepared.method == kernels.T_TEST:
-        out[valid] = 2 * special.stdtr(dfs[valid], -stats[valid])
-        return out
+        out[valid] = 2 * special.stdtr(rows.dfs[valid], -rows.stats[valid])
+        return
     table = prepared.table
     assert table is not None
-    kernels.table_pvalues(stats, found, table.step, table.logp, table.slope, out)
+    kernels.table_pvalues(rows.stats, found, table.step, table.logp, table.slope, out)
     beyond = valid & (out < 0)
     if beyond.any():
-        out[beyond] = t_tail(prepared.df, stats[beyond])
-    return out
+        out[beyond] = t_tail(prepared.df, rows.stats[beyond])
 
 
 def t_tail(df: float, t: np.ndarray) -> np.ndarray:
@@ -175,56 +174,90 @@ def run_chunks(
     """``(pairs table, genes table)`` for consecutive chunks of the pairs, in order."""
     pairs_per_chunk = pairs_per_chunk or PAIRS_PER_CHUNK
     width = int(max(64, min(CANDIDATE_BUDGET // max(pairs_per_chunk, 1), data.means.shape[1])))
+    # the candidates' rows, reused by every chunk: fresh arrays of this size cost page faults each time
+    space = _Rows(min(pairs_per_chunk, len(p1)), width)
     for start in range(0, len(p1), pairs_per_chunk):
         c1, c2 = p1[start : start + pairs_per_chunk], p2[start : start + pairs_per_chunk]
-        yield _chunk(data, prepared, c1, c2, thresholds, top, width)
+        yield _chunk(data, prepared, c1, c2, thresholds, top, space)
         if progress is not None:
             progress(len(c1))
 
 
+class _Rows:
+    """Per pair, a row of at most ``width`` candidates: genes, statistics, dfs, p-values."""
+
+    def __init__(self, n_pairs: int, width: int) -> None:
+        self.width = width
+        self.genes = np.empty((n_pairs, width), dtype=np.int32)
+        self.stats = np.empty((n_pairs, width))
+        self.dfs = np.empty((n_pairs, width))
+        self.pvals = np.empty((n_pairs, width))
+
+    def view(self, n: int) -> _Rows:
+        rows = object.__new__(_Rows)
+        rows.width = self.width
+        rows.genes, rows.stats, rows.dfs, rows.pvals = self.genes[:n], self.stats[:n], self.dfs[:n], self.pvals[:n]
+        return rows
+
+
 def _chunk(
-    data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, th: Thresholds, top: int, width: int
+    data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, th: Thresholds, top: int, space: _Rows
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One chunk: a scan keeping at most ``width`` candidates per pair (the pairs with more
     scanned again, wide enough), exact p-values for the candidates, selection."""
     crit = _bounds(prepared, data, c1, c2, th.padj_th)
-    found, m, genes, stats, dfs = _scan(data, prepared, c1, c2, crit, width)
-    summary = np.zeros((len(c1), 6))
+    rows = space.view(len(c1))
+    found, m = _scan(data, prepared, c1, c2, crit, rows)
     keep = max(top, 0)
+    summary = np.zeros((len(c1), 6))
     top_genes = np.full((len(c1), 2, keep), -1, dtype=np.int64)
     top_padj, top_pval = np.zeros((len(c1), 2, keep)), np.zeros((len(c1), 2, keep))
-    over = np.flatnonzero(found > width)
-    groups = [(np.flatnonzero(found <= width), width)]
-    if len(over):
-        groups.append((over, int(found[over].max())))
-    for rows, wide in groups:
-        if wide != width:  # the pairs with more candidates than the first scan kept: again, wide enough
-            found_o, m_o, genes_o, stats_o, dfs_o = _scan(data, prepared, c1[rows], c2[rows], crit[rows], wide)
-        else:
-            found_o, m_o, genes_o, stats_o, dfs_o = found[rows], m[rows], genes[rows], stats[rows], dfs[rows]
-        pvals = _p_values(prepared, stats_o, dfs_o, found_o)
-        part = np.zeros((len(rows), 6))
-        part_genes = np.full((len(rows), 2, keep), -1, dtype=np.int64)
-        part_padj, part_pval = np.zeros((len(rows), 2, keep)), np.zeros((len(rows), 2, keep))
-        kernels.select(
-            found_o, genes_o, stats_o, pvals, prepared.method != kernels.T_TEST, m_o, c1[rows], c2[rows], data.means,
-            data.present_counts, data.n_cells, th.padj_th, th.lfc_th, th.q1_th,
-            -1.0 if th.q2_th is None else th.q2_th, th.q_diff_th, th.min_cells, keep, part, part_genes, part_padj,
-            part_pval,
-        )  # fmt: skip
-        summary[rows], top_genes[rows], top_padj[rows], top_pval[rows] = part, part_genes, part_padj, part_pval
+    over = np.flatnonzero(found > rows.width)
+    if len(over) == 0:
+        _select(data, prepared, th, c1, c2, rows, found, m, keep, summary, top_genes, top_padj, top_pval)
+    else:  # the pairs with more candidates than their row holds: scanned again, wide enough
+        for part, again in ((np.flatnonzero(found <= rows.width), None), (over, int(found[over].max()))):
+            if again is None:
+                sub = _Rows(0, rows.width)
+                sub.genes, sub.stats, sub.dfs, sub.pvals = (
+                    rows.genes[part],
+                    rows.stats[part],
+                    rows.dfs[part],
+                    rows.pvals[part],
+                )
+                found_p, m_p = found[part], m[part]
+            else:
+                sub = _Rows(len(part), again)
+                found_p, m_p = _scan(data, prepared, c1[part], c2[part], crit[part], sub)
+            out = (np.zeros((len(part), 6)), np.full((len(part), 2, keep), -1, dtype=np.int64),
+                   np.zeros((len(part), 2, keep)), np.zeros((len(part), 2, keep)))  # fmt: skip
+            _select(data, prepared, th, c1[part], c2[part], sub, found_p, m_p, keep, *out)
+            summary[part], top_genes[part], top_padj[part], top_pval[part] = out
     return _pairs_table(data, c1, c2, summary), _genes_table(data, c1, c2, top_genes, top_padj, top_pval)
 
 
-def _scan(data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, crit: np.ndarray, width: int) -> tuple:
-    """(found, m, genes, stats, dfs): each pair's candidates in a row of at most ``width``."""
+def _select(
+    data: DEInput, prepared: Prepared, th: Thresholds, c1: np.ndarray, c2: np.ndarray, rows: _Rows,
+    found: np.ndarray, m: np.ndarray, keep: int, summary: np.ndarray, top_genes: np.ndarray, top_padj: np.ndarray,
+    top_pval: np.ndarray,
+) -> None:  # fmt: skip
+    _p_values(prepared, rows, found)
+    kernels.select(
+        found, rows.genes, rows.stats, rows.pvals, prepared.method != kernels.T_TEST, m, c1, c2, data.means,
+        data.present_counts, data.n_cells, th.padj_th, th.lfc_th, th.q1_th, -1.0 if th.q2_th is None else th.q2_th,
+        th.q_diff_th, th.min_cells, keep, summary, top_genes, top_padj, top_pval,
+    )  # fmt: skip
+
+
+def _scan(
+    data: DEInput, prepared: Prepared, c1: np.ndarray, c2: np.ndarray, crit: np.ndarray, rows: _Rows
+) -> tuple[np.ndarray, np.ndarray]:
+    """(found, m): each pair's candidates into its row (at most the row's width are kept)."""
     found = np.zeros(len(c1), dtype=np.int64)
     m = np.zeros(len(c1), dtype=np.int64)
-    genes = np.zeros((len(c1), width), dtype=np.int32)
-    stats, dfs = np.zeros((len(c1), width)), np.zeros((len(c1), width))
-    kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, genes,
-                 stats, dfs, found, m)  # fmt: skip
-    return found, m, genes, stats, dfs
+    kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit,
+                 rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
+    return found, m
 
 
 def _pairs_table(data: DEInput, c1: np.ndarray, c2: np.ndarray, summary: np.ndarray) -> pd.DataFrame:

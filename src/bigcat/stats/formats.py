@@ -186,6 +186,9 @@ def _write_stats_zarr(ds: Any, store: Any) -> None:
     n_clusters, n_genes = ds.sizes["cluster"], ds.sizes["gene"]
     rows = int(max(1, min(n_clusters, STATS_CHUNK_BYTES // max(8 * n_genes, 1))))
     skeleton = ds.copy()
+    for name, variable in ds.variables.items():  # small arrays (n_cells, names…) now: a lazily read result
+        if name not in matrices and variable.chunks is not None:  # would leave them to compute=False, unwritten
+            skeleton[name] = variable.load()
     encoding = {}
     for name in matrices:
         dtype = ds[name].dtype
