@@ -18,22 +18,29 @@ Pairs = Annotated[
     ),
 ]
 Method = Annotated[str, typer.Option("--method", help="fast_limma (default), t.test or chisq.")]
+Stats = Annotated[str, typer.Argument(metavar="STATS", help="Statistics (bigcat stats --out …).")]
+Q1 = Annotated[float, typer.Option("--q1-th", help="Present in more than this fraction of the cluster.")]
+QDiff = Annotated[float, typer.Option("--q-diff-th", help="|q1 - q2| / max(q1, q2) above this.")]
+Scale = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--scale", help="log: X held log2(CPM+1) (default: the statistics say)."),
+]
 
 
 @app.command()
 def de(
-    stats_path: Annotated[str, typer.Argument(metavar="STATS", help="Statistics (bigcat stats --out …).")],
+    stats_path: Stats,
     out: Annotated[str, typer.Option("--out", help="Output folder: pairs.parquet and genes.parquet.")],
     pairs: Pairs = "all",
     method: Method = "fast_limma",
     padj_th: Annotated[float, typer.Option("--padj-th", help="Holm-adjusted p below this.")] = 0.01,
     lfc_th: Annotated[float, typer.Option("--lfc-th", help="|log2 fold change| above this.")] = 1.0,
-    q1_th: Annotated[float, typer.Option("--q1-th", help="Present in more than this fraction of the cluster.")] = 0.5,
+    q1_th: Q1 = 0.5,
     q2_th: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option("--q2-th", help="Present in less than this fraction of the other cluster."),
     ] = None,
-    q_diff_th: Annotated[float, typer.Option("--q-diff-th", help="|q1 - q2| / max(q1, q2) above this.")] = 0.7,
+    q_diff_th: QDiff = 0.7,
     min_cells: Annotated[int, typer.Option("--min-cells", help="Clusters with fewer cells take no part.")] = 4,
     low_th: Annotated[float, typer.Option("--low-th", help="Present means x >= this.")] = 1.0,
     top: Annotated[int, typer.Option("--top", help="Genes of each direction kept per pair.")] = 50,
@@ -41,10 +48,7 @@ def de(
         Optional[str],  # noqa: UP045
         typer.Option("--matrix", help="score or num: also the clusters × clusters matrix and its heatmap."),
     ] = None,
-    scale: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--scale", help="log: X held log2(CPM+1) (default: the statistics say)."),
-    ] = None,
+    scale: Scale = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     storage_option: StorageOptions = None,
@@ -63,7 +67,7 @@ def de(
 
 @app.command()
 def merge(
-    stats_path: Annotated[str, typer.Argument(metavar="STATS", help="Statistics (bigcat stats --out …).")],
+    stats_path: Stats,
     out: Annotated[str, typer.Option("--out", help="Merged statistics: .zarr, .parquet, .csv or .h5ad.")],
     mapping: Annotated[str, typer.Option("--mapping", help="Old → new cluster table: .csv or .parquet.")],
     de_score_th: Annotated[float, typer.Option("--de-score-th", help="Pairs scoring below this merge.")] = 150.0,
@@ -71,13 +75,10 @@ def merge(
     k: Annotated[int, typer.Option("--k", help="Nearest clusters tested against each cluster.")] = 4,
     merge_type: Annotated[str, typer.Option("--merge-type", help="undirectional or directional.")] = "undirectional",
     method: Method = "fast_limma",
-    q1_th: Annotated[float, typer.Option("--q1-th", help="As for bigcat de.")] = 0.5,
-    q_diff_th: Annotated[float, typer.Option("--q-diff-th", help="As for bigcat de.")] = 0.7,
+    q1_th: Q1 = 0.5,
+    q_diff_th: QDiff = 0.7,
     min_cells: Annotated[int, typer.Option("--min-cells", help="Smaller clusters join their nearest first.")] = 4,
-    scale: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--scale", help="log: X held log2(CPM+1) (default: the statistics say)."),
-    ] = None,
+    scale: Scale = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,  # noqa: ARG001 - accepted by every command (nothing to show here)
     storage_option: StorageOptions = None,
