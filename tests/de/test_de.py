@@ -268,6 +268,51 @@ def test_holm_against_a_plain_loop_and_by_hand() -> None:
     assert holm(np.array([0.01, 0.04, 0.03, np.nan]))[:3] == pytest.approx([0.03, 0.06, 0.06])  # by hand
 
 
+@pytest.mark.parametrize("df", [50.0, 195_000.0, 4_000_000.0])
+def test_the_t_bound_inverts_the_p_value_r_computes(df) -> None:
+    from bigcat.de.engine import t_bound, t_tail
+
+    p = np.array([0.5, 0.01, 0.01 / 32285, 1e-12])
+    np.testing.assert_allclose(t_tail(df, t_bound(df, p)), p, rtol=1e-9)
+    if df > 4e5:  # R's normal approximation, written out: pnorm(t (1 - 1/(4 df)) / sqrt(1 + t²/(2 df)))
+        t = t_bound(df, p)
+        z = t * (1 - 1 / (4 * df)) / np.sqrt(1 + t * t / (2 * df))
+        np.testing.assert_allclose(2 * scipy.stats.norm.sf(z), p, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["fast_limma", "chisq"])
+def test_holm_bounds_keep_every_gene_holm_selects_and_those_ranked_before(method) -> None:
+    """The candidates tightened to what Holm can still select: against a plain Holm over all
+    genes, with statistics crowded around the bounds."""
+    from bigcat.de import kernels
+    from bigcat.de.engine import METHODS, Prepared, holm_bounds, t_tail
+
+    rng = np.random.default_rng(7)
+    n_genes, df, th = 2000, 300.0, 0.01
+    prepared = Prepared(METHODS[method], np.zeros((1, 1)), np.zeros((1, 1)), df, None)
+    bound = holm_bounds(prepared, n_genes, th)
+    cut = 0
+    for trial in range(40):
+        # statistics at the bounds of random ranks, nudged: Holm's decision sits right there
+        j = rng.integers(1, n_genes + 1, size=n_genes)
+        stat = bound[j] * (1 + rng.choice([-1e-6, 0.0, 1e-6, 0.05, -0.05], size=n_genes))
+        stat[rng.random(n_genes) < trial / 40] = 0.1  # and many genes far from any bound
+        p = t_tail(df, stat) if method == "fast_limma" else scipy.stats.chi2.sf(stat, 1)
+        keep = stat > bound[1]
+        genes = np.flatnonzero(keep).astype(np.int32)[None, :]
+        rows = np.ascontiguousarray(stat[keep])[None, :]
+        found, m = np.array([genes.shape[1]]), np.array([n_genes])
+        kernels.tighten(genes, rows, rows.copy(), found, m, bound)
+        kept = set(genes[0, : found[0]].tolist())
+        selected = set(np.flatnonzero(plain_holm(p) < th).tolist())
+        assert selected <= kept, trial
+        if kept:  # a prefix of the genes by p: everything with a smaller p is kept too
+            assert set(np.flatnonzero(p < p[list(kept)].max()).tolist()) <= kept, trial
+        assert list(genes[0, : found[0]]) == sorted(kept)  # in gene order
+        cut += len(kept) < keep.sum()
+    assert cut > 20  # the bound does cut the candidates down
+
+
 def test_squeeze_var_matches_the_written_out_prior() -> None:
     rng = np.random.default_rng(1)
     sigma2 = rng.chisquare(8, 2000) / 8 * rng.gamma(4, 0.25, 2000)

@@ -3,7 +3,8 @@
 For a chunk of cluster pairs, :func:`candidates` computes each pair's test statistic for every
 gene (fused, in parallel over pairs) and keeps only the genes whose p-value can be below
 ``padj_th`` — every gene Holm's adjustment can select, and every gene ranked before one — with
-the number ``m`` of genes whose p-value is defined (Holm's count). :func:`select` then ranks a
+the number ``m`` of genes whose p-value is defined (Holm's count); :func:`tighten` cuts them down
+to those Holm can still select given how many there are. :func:`select` then ranks a
 pair's candidates by p, adjusts them, applies scrattch.bigcat's ``de_stats_pair`` rules and
 keeps the scores and the top genes of each direction. Exact p-values are computed in between,
 for the candidates only (:mod:`bigcat.de.engine`).
@@ -19,7 +20,8 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "chisq_pvalues", "scan", "select", "table_pvalues"]
+__all__ = ["CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "scan", "select", "table_pvalues",
+           "tighten"]
 
 FAST_LIMMA, T_TEST, CHISQ = 0, 1, 2
 #: a gene's score is min(-log10 padj, SCORE_CAP)
@@ -138,6 +140,53 @@ def scan(method, means, spread, counts, n_cells, p1, p2, crit, genes, stats, dfs
                     count += 1
         found[k] = count
         m_out[k] = m
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def tighten(genes, stats, dfs, found, m_of, bound):
+    """Each row's candidates cut down, in place and in gene order, to those whose statistic
+    exceeds ``bound[m - C + 1]``, C the count still kept (repeated until C holds still: it only
+    shrinks). ``found`` is updated. For methods with one df for every gene."""
+    for k in numba.prange(len(found)):
+        count = found[k]
+        row = stats[k, : found[k]]
+        while True:
+            limit = bound[min(max(m_of[k] - count + 1, 1), len(bound) - 1)]
+            fewer = 0
+            for x in row:
+                fewer += x > limit
+            if fewer == count:
+                break
+            count = fewer
+        _keep(genes[k], stats[k], dfs[k], found[k], limit)
+        found[k] = count
+
+
+@numba.njit(cache=True, inline="always")
+def _keep(genes, stats, dfs, count, limit):
+    at = 0
+    for i in range(count):
+        if stats[i] > limit:
+            genes[at], stats[at], dfs[at] = genes[i], stats[i], dfs[i]
+            at += 1
+    return at
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def count_above(stats, found, bounds):
+    """Per row, how many of its ``found[k]`` candidates exceed ``bounds[k]``."""
+    out = np.zeros(len(found), dtype=np.int64)
+    for k in numba.prange(len(found)):
+        for i in range(found[k]):
+            out[k] += stats[k, i] > bounds[k]
+    return out
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def keep_above(genes, stats, dfs, found, bounds):
+    """Each row's candidates above ``bounds[k]``, in place and in gene order; ``found`` updated."""
+    for k in numba.prange(len(found)):
+        found[k] = _keep(genes[k], stats[k], dfs[k], found[k], bounds[k])
 
 
 @numba.njit(cache=True, error_model="numpy")
