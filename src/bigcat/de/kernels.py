@@ -20,8 +20,10 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "scan", "select", "table_pvalues",
-           "tighten"]
+__all__ = [
+    "CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "scan", "select",
+    "table_pvalues", "tighten",
+]  # fmt: skip
 
 FAST_LIMMA, T_TEST, CHISQ = 0, 1, 2
 #: a gene's score is min(-log10 padj, SCORE_CAP)
