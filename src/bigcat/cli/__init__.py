@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from bigcat.cli import _data, _de, _stats, _workspace  # noqa: F401 - registers the commands
+from bigcat.cli import _data, _de, _mapmycells, _stats, _workspace  # noqa: F401 - registers the commands
 from bigcat.cli._app import _state, app
 
 __all__ = ["app", "entry_point", "killed_worker_message", "main"]

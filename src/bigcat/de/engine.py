@@ -16,7 +16,7 @@ from bigcat.de import kernels
 from bigcat.de.inputs import DEInput
 from bigcat.de.limma import Squeezed, squeeze_var
 
-__all__ = ["METHODS", "Thresholds", "prepare", "run_chunks"]
+__all__ = ["METHODS", "MarkerRun", "Thresholds", "prepare", "run_chunks"]
 
 log = logging.getLogger("bigcat")
 
@@ -346,3 +346,64 @@ def _genes_table(
             "q2": data.present_counts[b, gene] / data.n_cells[b],
         }
     )  # fmt: skip
+
+
+class MarkerRun:
+    """The engine with MapMyCells' reference-marker test (cell_type_mapper's Welch statistic,
+    ``kernels.MMC_WELCH``): the same scan, Holm bound and candidate rows as pairwise DE; the
+    p-values and the selection are the caller's (:mod:`bigcat.mapmycells`).
+
+    Candidates: |t| above ``boring`` (below it cell_type_mapper sets p = 1) and above the normal
+    quantile of padj_th / (2j) — a t-test's p is never below the normal p at the same |t|, so
+    the normal bound is below every gene's own; j as in :func:`holm_bounds`.
+    """
+
+    def __init__(self, data: Any, p_th: float, boring: float | None, pairs_per_chunk: int | None = None) -> None:
+        self.data = data
+        n_genes = data.means.shape[1]
+        self.prepared = Prepared(kernels.MMC_WELCH, data.var, np.zeros((1, 1)), 0.0, None)
+        j = np.arange(1, n_genes + 1, dtype=np.float64)
+        bound = np.empty(n_genes + 1)
+        bound[0] = np.inf
+        bound[1:] = -special.ndtri(np.minimum(p_th / (2 * j), 0.5)) * (1 - SLACK)
+        if boring is not None:
+            np.maximum(bound, boring, out=bound)  # |t| must exceed boring itself: no slack there
+        self.prepared.holm = bound
+        self.pairs_per_chunk = pairs_per_chunk or PAIRS_PER_CHUNK
+
+    def chunks(self, p1: np.ndarray, p2: np.ndarray, select: Callable[..., tuple]) -> Iterator[tuple]:
+        """``select(c1, c2, rows, found, m)``'s result for consecutive chunks of pairs, in order
+        (a chunk whose candidates overflow the rows is rescanned in contiguous parts that fit)."""
+        data, prepared, step = self.data, self.prepared, self.pairs_per_chunk
+        assert prepared.holm is not None
+        width = int(max(64, min(CANDIDATE_BUDGET // max(step, 1), data.means.shape[1])))
+        space = _Rows(min(step, len(p1)), width)
+        for start in range(0, len(p1), step):
+            c1, c2 = p1[start : start + step], p2[start : start + step]
+            crit = np.full(len(c1), prepared.holm[1])
+            rows = space.view(len(c1))
+            found, m = _scan(data, prepared, c1, c2, crit, rows)
+            if found.max(initial=0) <= width:
+                kernels.tighten(rows.genes, rows.stats, rows.dfs, found, m, prepared.holm)
+                yield select(c1, c2, rows, found, m)
+                continue
+            parts = []
+            for lo, hi in _fitting_ranges(found, CANDIDATE_BUDGET):
+                sub = _Rows(hi - lo, int(max(found[lo:hi].max(), 1)))
+                f, mm = _scan(data, prepared, c1[lo:hi], c2[lo:hi], crit[lo:hi], sub)
+                kernels.tighten(sub.genes, sub.stats, sub.dfs, f, mm, prepared.holm)
+                parts.append(select(c1[lo:hi], c2[lo:hi], sub, f, mm))
+            yield tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+def _fitting_ranges(found: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of pairs whose rows (as wide as the range's largest count) fit ``budget``."""
+    ranges, lo, widest = [], 0, 0
+    for i, count in enumerate(found.tolist()):
+        widest_with = max(widest, count)
+        if i > lo and (i - lo + 1) * widest_with > budget:
+            ranges.append((lo, i))
+            lo, widest_with = i, count
+        widest = widest_with
+    ranges.append((lo, len(found)))
+    return ranges

@@ -10,7 +10,8 @@ keeps the scores and the top genes of each direction. Exact p-values are compute
 for the candidates only (:mod:`bigcat.de.engine`).
 
 Methods: ``FAST_LIMMA`` (moderated t with a pooled variance, one df for every gene), ``T_TEST``
-(Welch), ``CHISQ`` (Yates-corrected 2×2 test of the presence counts).
+(Welch), ``CHISQ`` (Yates-corrected 2×2 test of the presence counts), ``MMC_WELCH``
+(cell_type_mapper's Welch test for MapMyCells' reference markers, :mod:`bigcat.mapmycells`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import numba
 import numpy as np
 
 __all__ = [
-    "CHISQ", "FAST_LIMMA", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "scan", "select",
-    "table_pvalues", "tighten",
+    "CHISQ", "FAST_LIMMA", "MMC_WELCH", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "scan",
+    "select", "table_pvalues", "tighten",
 ]  # fmt: skip
 
-FAST_LIMMA, T_TEST, CHISQ = 0, 1, 2
+FAST_LIMMA, T_TEST, CHISQ, MMC_WELCH = 0, 1, 2, 3
 #: a gene's score is min(-log10 padj, SCORE_CAP)
 SCORE_CAP = 20.0
 
@@ -48,6 +49,16 @@ def _statistic(method, a, b, g, means, spread, counts, n1, n2, scale):
             stat += d * d / e
         return stat, 1.0, True  # R sets an undefined χ² p-value to 1: it still counts
     lfc = means[a, g] - means[b, g]
+    if method == MMC_WELCH:  # cell_type_mapper's _calculate_tt_nu, operation for operation
+        v1, v2 = spread[a, g], spread[b, g]
+        se2 = v1 / n1 + v2 / n2
+        se = math.sqrt(se2) if se2 >= 0 else np.nan
+        t = lfc / (se if se > 0 else 1.0e-10)
+        i1, i2 = np.int64(n1), np.int64(n2)
+        nu_denom = v1 * v1 / float(i1 * i1 * i1 - i1 * i1) + v2 * v2 / float(i2 * i2 * i2 - i2 * i2)
+        if not nu_denom > 0:
+            nu_denom = 1.0
+        return abs(t), se2 * se2 / nu_denom, True  # p is defined (NaN counts as 1) for every gene
     if method == FAST_LIMMA:
         t = abs(lfc) * spread[0, g] / scale  # spread holds 1 / posterior sd; scale sqrt(1/n1 + 1/n2)
         return t, 0.0, not math.isnan(t)
@@ -138,7 +149,7 @@ def scan(method, means, spread, counts, n_cells, p1, p2, crit, genes, stats, dfs
                     if count < cap:
                         genes[k, count] = g
                         stats[k, count] = block[g - g0]
-                        dfs[k, count] = block_df[g - g0] if method == T_TEST else 0.0
+                        dfs[k, count] = block_df[g - g0] if method in (T_TEST, MMC_WELCH) else 0.0
                     count += 1
         found[k] = count
         m_out[k] = m
