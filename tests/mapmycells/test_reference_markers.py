@@ -242,3 +242,20 @@ def test_cli_and_bad_input(tmp_path, capsys) -> None:
     with pytest.raises(BigcatInputError, match="q1_th must be > q1_min_th"):
         reference_markers(tmp_path / "stats.h5", tmp_path / "y.h5", q1_th=0.1, q1_min_th=0.2)
     assert not (tmp_path / "y.h5").exists()
+
+
+def test_pairs_with_more_candidates_than_a_row_holds(tmp_path, monkeypatch) -> None:
+    """Pairs whose candidates overflow the rows are scanned again in parts that fit (forced)."""
+    import bigcat.de.engine
+
+    monkeypatch.setattr(bigcat.de.engine, "CANDIDATE_BUDGET", 6)
+    monkeypatch.setattr(bigcat.de.engine, "MIN_ROW", 2)
+    ranges = []
+    real = bigcat.de.engine._fitting_ranges
+    monkeypatch.setattr(bigcat.de.engine, "_fitting_ranges", lambda *a: ranges.append(real(*a)) or ranges[-1])
+    st = threshold_stats(1)
+    write_precomputed(tmp_path / "stats.h5", st)
+    got, _ = read_markers(reference_markers(tmp_path / "stats.h5", tmp_path / "ref.h5", p_th=0.5))
+    assert got == restated(st["n"], st["sums"], st["sumsq"], st["ge1"], np.ones(90, bool), {**TH, "p_th": 0.5})
+    assert ranges
+    assert max(len(r) for r in ranges) > 1  # a chunk went through in several parts

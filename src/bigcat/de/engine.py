@@ -25,6 +25,8 @@ METHODS = {"fast_limma": kernels.FAST_LIMMA, "t.test": kernels.T_TEST, "chisq": 
 PAIRS_PER_CHUNK = 4096
 #: candidate genes held at once (per chunk of pairs): bounds the engine's memory
 CANDIDATE_BUDGET = 8_000_000
+#: candidates a pair's row holds at least (pairs with more are scanned again, wider)
+MIN_ROW = 64
 #: above this many degrees of freedom R's ``pt`` uses a normal approximation (nmath/pt.c)
 R_PT_NORMAL_DF = 4e5
 #: spacing of the p-value table in u = log1p(|t|), and how far it reaches
@@ -143,8 +145,7 @@ def _tighten(prepared: Prepared, data: DEInput, c1: np.ndarray, c2: np.ndarray, 
              m: np.ndarray, padj_th: float) -> None:  # fmt: skip
     """Each row's candidates cut down to those Holm can still select, in place (see :func:`holm_bounds`)."""
     if prepared.method != kernels.T_TEST:
-        if prepared.holm is None:
-            prepared.holm = holm_bounds(prepared, data.means.shape[1], padj_th)
+        assert prepared.holm is not None
         kernels.tighten(rows.genes, rows.stats, rows.dfs, found, m, prepared.holm)
         return
     # Welch: one df per gene; the bound at the pair's largest df is below every gene's
@@ -228,7 +229,9 @@ def run_chunks(
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:  # fmt: skip
     """``(pairs table, genes table)`` for consecutive chunks of the pairs, in order."""
     pairs_per_chunk = pairs_per_chunk or PAIRS_PER_CHUNK
-    width = int(max(64, min(CANDIDATE_BUDGET // max(pairs_per_chunk, 1), data.means.shape[1])))
+    if prepared.method != kernels.T_TEST and prepared.holm is None:  # one df: the scan cuts by Holm
+        prepared.holm = holm_bounds(prepared, data.means.shape[1], thresholds.padj_th)
+    width = int(max(MIN_ROW, min(CANDIDATE_BUDGET // max(pairs_per_chunk, 1), data.means.shape[1])))
     # the candidates' rows, reused by every chunk: fresh arrays of this size cost page faults each time
     space = _Rows(min(pairs_per_chunk, len(p1)), width)
     for start in range(0, len(p1), pairs_per_chunk):
@@ -311,7 +314,8 @@ def _scan(
     """(found, m): each pair's candidates into its row (at most the row's width are kept)."""
     found = np.zeros(len(c1), dtype=np.int64)
     m = np.zeros(len(c1), dtype=np.int64)
-    kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit,
+    holm = prepared.holm if prepared.holm is not None else np.empty(0)
+    kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, holm,
                  rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
     return found, m
 
@@ -361,7 +365,7 @@ class MarkerRun:
     def __init__(self, data: Any, p_th: float, boring: float | None, pairs_per_chunk: int | None = None) -> None:
         self.data = data
         n_genes = data.means.shape[1]
-        self.prepared = Prepared(kernels.MMC_WELCH, data.var, np.zeros((1, 1)), 0.0, None)
+        self.prepared = Prepared(kernels.MMC_WELCH, data.var_n, np.zeros((1, 1)), 0.0, None)
         j = np.arange(1, n_genes + 1, dtype=np.float64)
         bound = np.empty(n_genes + 1)
         bound[0] = np.inf
@@ -369,14 +373,16 @@ class MarkerRun:
         if boring is not None:
             np.maximum(bound, boring, out=bound)  # |t| must exceed boring itself: no slack there
         self.prepared.holm = bound
-        self.pairs_per_chunk = pairs_per_chunk or PAIRS_PER_CHUNK
+        # rows as wide as the genes (distinct leaves can have most genes below p_th), as many
+        # pairs as the budget allows: no pair is ever scanned twice
+        self.pairs_per_chunk = pairs_per_chunk or int(min(PAIRS_PER_CHUNK, max(64, CANDIDATE_BUDGET // n_genes)))
 
     def chunks(self, p1: np.ndarray, p2: np.ndarray, select: Callable[..., tuple]) -> Iterator[tuple]:
         """``select(c1, c2, rows, found, m)``'s result for consecutive chunks of pairs, in order
         (a chunk whose candidates overflow the rows is rescanned in contiguous parts that fit)."""
         data, prepared, step = self.data, self.prepared, self.pairs_per_chunk
         assert prepared.holm is not None
-        width = int(max(64, min(CANDIDATE_BUDGET // max(step, 1), data.means.shape[1])))
+        width = int(max(MIN_ROW, min(max(CANDIDATE_BUDGET // max(step, 1), 1), data.means.shape[1])))
         space = _Rows(min(step, len(p1)), width)
         for start in range(0, len(p1), step):
             c1, c2 = p1[start : start + step], p2[start : start + step]

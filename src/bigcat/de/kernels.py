@@ -22,13 +22,24 @@ import numba
 import numpy as np
 
 __all__ = [
-    "CHISQ", "FAST_LIMMA", "MMC_WELCH", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "scan",
-    "select", "table_pvalues", "tighten",
+    "CHISQ", "FAST_LIMMA", "MMC_WELCH", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "mmc_nu",
+    "scan", "select", "table_pvalues", "tighten",
 ]  # fmt: skip
 
 FAST_LIMMA, T_TEST, CHISQ, MMC_WELCH = 0, 1, 2, 3
 #: a gene's score is min(-log10 padj, SCORE_CAP)
 SCORE_CAP = 20.0
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def mmc_nu(v1, v2, n1, n2, se2):
+    """cell_type_mapper's Welch–Satterthwaite ν: se2² / (v1²/(n1³ − n1²) + v2²/(n2³ − n2²)), the
+    cell counts cubed in integers, a denominator ≤ 0 (or NaN) replaced by 1."""
+    i1, i2 = np.int64(n1), np.int64(n2)
+    denom = v1 * v1 / float(i1 * i1 * i1 - i1 * i1) + v2 * v2 / float(i2 * i2 * i2 - i2 * i2)
+    if not denom > 0:
+        denom = 1.0
+    return se2 * se2 / denom
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -49,16 +60,10 @@ def _statistic(method, a, b, g, means, spread, counts, n1, n2, scale):
             stat += d * d / e
         return stat, 1.0, True  # R sets an undefined χ² p-value to 1: it still counts
     lfc = means[a, g] - means[b, g]
-    if method == MMC_WELCH:  # cell_type_mapper's _calculate_tt_nu, operation for operation
-        v1, v2 = spread[a, g], spread[b, g]
-        se2 = v1 / n1 + v2 / n2
-        se = math.sqrt(se2) if se2 >= 0 else np.nan
+    if method == MMC_WELCH:  # cell_type_mapper's _calculate_tt_nu; spread holds var / n (the df: see mmc_nu)
+        se = math.sqrt(spread[a, g] + spread[b, g])
         t = lfc / (se if se > 0 else 1.0e-10)
-        i1, i2 = np.int64(n1), np.int64(n2)
-        nu_denom = v1 * v1 / float(i1 * i1 * i1 - i1 * i1) + v2 * v2 / float(i2 * i2 * i2 - i2 * i2)
-        if not nu_denom > 0:
-            nu_denom = 1.0
-        return abs(t), se2 * se2 / nu_denom, True  # p is defined (NaN counts as 1) for every gene
+        return abs(t), 0.0, True  # p is defined (NaN counts as 1) for every gene
     if method == FAST_LIMMA:
         t = abs(lfc) * spread[0, g] / scale  # spread holds 1 / posterior sd; scale sqrt(1/n1 + 1/n2)
         return t, 0.0, not math.isnan(t)
@@ -106,53 +111,174 @@ def candidates(method, means, spread, counts, n_cells, p1, p2, crit, offsets, ge
 BLOCK = 512
 
 
+#: pairs per task of the scan's parallel loop (a task holds one statistic per gene)
+PAIRS_PER_TASK = 16
+#: the candidate counts C at which the scan tries Holm's cut (see :func:`_holm_cut`)
+LADDER = (63, 255, 1023, 4095, 16383, 65535, 262143)
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def scan(method, means, spread, counts, n_cells, p1, p2, crit, genes, stats, dfs, found, m_out):
-    """One pass per pair: the candidates (statistic > ``crit[k]``) into row ``k`` of ``genes``,
-    ``stats`` and ``dfs`` (at most their width; ``found[k]`` counts them all, so a pair with more
-    must be gathered again with :func:`candidates`), and ``m_out[k]``, the genes with a defined p."""
+def scan(method, means, spread, counts, n_cells, p1, p2, crit, holm, genes, stats, dfs, found, m_out):
+    """One pass per pair: the candidates (statistic > ``crit[k]`` and, with a ``holm`` table, above
+    the cut :func:`_holm_cut` finds) into row ``k`` of ``genes``, ``stats`` and ``dfs`` (at most
+    their width; ``found[k]`` counts them all, so a pair with more must be scanned again, wider),
+    and ``m_out[k]``, the genes with a defined p."""
     n_genes = means.shape[1]
-    cap = genes.shape[1]
-    for k in numba.prange(len(p1)):
-        a, b = p1[k], p2[k]
-        n1, n2 = float(n_cells[a]), float(n_cells[b])
-        scale = math.sqrt(1.0 / n1 + 1.0 / n2)
+    n_tasks = (len(p1) + PAIRS_PER_TASK - 1) // PAIRS_PER_TASK
+    rungs = 0  # the rungs below n_genes
+    if len(holm):
+        for c in LADDER:
+            rungs += c < n_genes
+    ladder = np.array(LADDER)[:rungs]
+    edges = np.empty(rungs)  # Holm's cut at each rung, for m = n_genes (falling from rung to rung)
+    for level in range(rungs):
+        edges[level] = holm[n_genes - ladder[level]]
+    for task in numba.prange(n_tasks):
+        _scan_task(method, means, spread, counts, n_cells, p1, p2, crit, holm, genes, stats, dfs, found, m_out,
+                   ladder, edges, task * PAIRS_PER_TASK, min((task + 1) * PAIRS_PER_TASK, len(p1)))  # fmt: skip
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scan_task(method, means, spread, counts, n_cells, p1, p2, crit, holm, genes, stats, dfs, found, m_out, ladder,
+               edges, first, last):  # fmt: skip
+    """:func:`scan` for pairs first … last − 1, with their own scratch (kept out of the parallel
+    loop's body, where numba's parfor passes mishandled it)."""
+    n_genes = means.shape[1]
+    values = np.empty(n_genes)
+    values_df = np.empty(n_genes if method in (T_TEST, MMC_WELCH) else 1)
+    above = np.zeros(len(ladder), dtype=np.int64)
+    for k in range(first, last):
+        above[:] = 0
+        m = _pair_statistics(method, p1[k], p2[k], means, spread, counts, n_cells, values, values_df, edges, above)
         bound = crit[k]
-        block = np.empty(BLOCK)
-        block_df = np.empty(BLOCK)
-        count = 0
-        m = 0
-        for g0 in range(0, n_genes, BLOCK):
-            g1 = min(g0 + BLOCK, n_genes)
-            hits = 0
-            if method == FAST_LIMMA:
-                row_a, row_b, weight = means[a, g0:g1], means[b, g0:g1], spread[0, g0:g1]
-                for i in range(g1 - g0):  # arithmetic alone: vectorized
-                    block[i] = abs(row_a[i] - row_b[i]) * weight[i] / scale
-                for i in range(g1 - g0):
-                    t = block[i]
-                    hits += t > bound
-                    m += t == t  # noqa: PLR0124 - not NaN, in a form the compiler vectorizes
-            else:
-                for g in range(g0, g1):
-                    stat, df, defined = _statistic(method, a, b, g, means, spread, counts, n1, n2, scale)
-                    if not defined:
-                        stat = np.nan
-                    block[g - g0] = stat
-                    block_df[g - g0] = df
-                    hits += stat > bound
-                    m += defined
-            if hits == 0:
-                continue
-            for g in range(g0, g1):
-                if block[g - g0] > bound:
-                    if count < cap:
-                        genes[k, count] = g
-                        stats[k, count] = block[g - g0]
-                        dfs[k, count] = block_df[g - g0] if method in (T_TEST, MMC_WELCH) else 0.0
-                    count += 1
-        found[k] = count
+        if len(holm):
+            if m != n_genes:  # genes without a p-value: the rungs move, counted again
+                _count_above(values, holm, m, ladder, above)
+            bound = max(bound, _holm_cut(holm, m, ladder, above))
+        if method == MMC_WELCH:
+            found[k] = _gather_welch(means[p1[k]], means[p2[k]], values, values_df, bound, genes[k], stats[k], dfs[k])
+        else:
+            found[k] = _gather(values, values_df, bound, genes[k], stats[k], dfs[k], method == T_TEST)
         m_out[k] = m
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pair_statistics(method, a, b, means, spread, counts, n_cells, values, values_df, edges, above):
+    """Every gene's statistic for pair (a, b) into ``values`` (NaN where undefined), Welch's df
+    into ``values_df``, how many exceed each of ``edges`` into ``above`` (``MMC_WELCH``: diff²
+    and se² instead, the counts a hair generous); returns m, the genes with a defined p."""
+    n_genes = means.shape[1]
+    n1, n2 = float(n_cells[a]), float(n_cells[b])
+    scale = math.sqrt(1.0 / n1 + 1.0 / n2)
+    m = 0
+    for g0 in range(0, n_genes, BLOCK):
+        g1 = min(g0 + BLOCK, n_genes)
+        block = values[g0:g1]
+        if method == FAST_LIMMA:
+            row_a, row_b, weight = means[a, g0:g1], means[b, g0:g1], spread[0, g0:g1]
+            for i in range(g1 - g0):  # arithmetic alone: vectorized
+                block[i] = abs(row_a[i] - row_b[i]) * weight[i] / scale
+            for i in range(g1 - g0):
+                m += block[i] == block[i]  # not NaN, in a form the compiler vectorizes
+        elif method == MMC_WELCH:
+            # spread holds var / n. No root, no division per gene: diff² into values and se² into
+            # values_df, the rungs counted on those (below); |t| only for the genes gathered
+            row_a, row_b, var_a, var_b = means[a, g0:g1], means[b, g0:g1], spread[a, g0:g1], spread[b, g0:g1]
+            se2 = values_df[g0:g1]
+            for i in range(g1 - g0):
+                diff = row_a[i] - row_b[i]
+                block[i] = diff * diff
+                se2[i] = var_a[i] + var_b[i]
+            m += g1 - g0  # p is defined for every gene (NaN counts as 1)
+            lowest = edges[-1] if len(edges) else np.inf
+            lowest2 = lowest * lowest * (1.0 - 1.0e-12)
+            for i in range(g1 - g0):
+                # "not ≤": NaN counts (a conservative count); se² ≤ 0 gives t = |diff|/1e-10
+                if not block[i] <= lowest2 * se2[i]:
+                    for level in range(len(edges)):
+                        above[level] += not block[i] <= edges[level] * edges[level] * (1.0 - 1.0e-12) * se2[i]
+            continue
+        else:
+            for g in range(g0, g1):
+                stat, df, defined = _statistic(method, a, b, g, means, spread, counts, n1, n2, scale)
+                values[g] = stat if defined else np.nan
+                if method == T_TEST:
+                    values_df[g] = df
+                m += defined
+        # the rungs' counts: one comparison for most genes (those below the lowest rung)
+        lowest = edges[-1] if len(edges) else np.inf
+        for i in range(g1 - g0):
+            v = block[i]
+            if v > lowest:
+                for level in range(len(edges)):
+                    above[level] += v > edges[level]
+    return m
+
+
+@numba.njit(cache=True)
+def _count_above(values, holm, m, ladder, above):
+    """``above[level]``: the statistics above Holm's cut at each rung, for this m."""
+    for level in range(len(ladder)):
+        edge = holm[m - ladder[level]] if ladder[level] < m else np.inf
+        n = 0
+        for v in values:
+            n += v > edge
+        above[level] = n
+
+
+@numba.njit(cache=True)
+def _holm_cut(holm, m, ladder, above):
+    """A statistic every gene Holm can select exceeds, from the counts at the rungs C of ``ladder``.
+
+    Holm selects the first R genes by p only if the (C+1)-th has p < padj_th/(m − C) for every
+    C < R; so if at most C genes have p below padj_th/(m − C) (``above`` at the rung), R ≤ C
+    and every selected gene has p < padj_th/(m − C + 1): its statistic exceeds
+    ``holm[m − C + 1]``. The first rung that holds gives the cut (0: none holds).
+    """
+    for level in range(len(ladder)):
+        c = ladder[level]
+        if c >= m:
+            break
+        if above[level] <= c:
+            return holm[m - c + 1]
+    return 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _gather_welch(row_a, row_b, diff2, se2, bound, genes, stats, dfs):
+    """:func:`_gather` for ``MMC_WELCH`` from diff² and se²: |t| = |diff| / se (se ≤ 0 or NaN:
+    1e-10, as cell_type_mapper) computed for the genes a hair-loose test lets through."""
+    cap = len(genes)
+    loose = bound * bound * (1.0 - 1.0e-12)
+    count = 0
+    for g in range(len(diff2)):
+        if diff2[g] <= loose * se2[g]:
+            continue
+        se = math.sqrt(se2[g])  # NaN below 0, as NumPy's sqrt
+        t = abs(row_a[g] - row_b[g]) / (se if se > 0 else 1.0e-10)
+        if t > bound:
+            if count < cap:
+                genes[count] = g
+                stats[count] = t
+                dfs[count] = 0.0
+            count += 1
+    return count
+
+
+@numba.njit(cache=True)
+def _gather(values, values_df, bound, genes, stats, dfs, with_df):
+    """The genes whose statistic exceeds ``bound``, in gene order, into the row (at most its
+    width); returns how many there are."""
+    cap = len(genes)
+    count = 0
+    for g in range(len(values)):
+        if values[g] > bound:
+            if count < cap:
+                genes[count] = g
+                stats[count] = values[g]
+                dfs[count] = values_df[g] if with_df else 0.0
+            count += 1
+    return count
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

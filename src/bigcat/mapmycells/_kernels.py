@@ -3,8 +3,8 @@
 The engine's scan (:func:`bigcat.de.kernels.scan` with ``MMC_WELCH``) computes cell_type_mapper's
 Welch statistic for every gene of a pair and keeps the genes whose p-value can be below
 ``p_th``; :func:`bigcat.de.kernels.tighten` cuts them down to those Holm can still select. Here:
-their exact p-values (:func:`pvalues`, scipy's own ``stdtr`` and cell_type_mapper's clipping of
-the CDF) and the selection (:func:`select`): Holm, the penetrance test — exact, or the default
+their exact p-values (:func:`pvalues`: scipy's own Student t CDF and cell_type_mapper's clipping
+of it) and the selection (:func:`select`): Holm, the penetrance test — exact, or the default
 approximate one (the genes nearest to the thresholds in (q1, qdiff, fold) space until
 ``n_valid`` pass, hard floors, one retry among the p-valid genes when fewer than
 ``N_VALID_MIN`` pass) — and the up/down split. Every float operation is written in the order
@@ -13,21 +13,23 @@ cell_type_mapper's NumPy code performs it, so ties and thresholds fall the same 
 
 from __future__ import annotations
 
-import ctypes
-import math
-from typing import Any
-
 import numba
 import numpy as np
-from numba.extending import get_cython_function_address
 
-__all__ = ["N_VALID_MIN", "pvalues", "select"]
+from bigcat.de.kernels import mmc_nu
+
+__all__ = ["N_VALID_MIN", "pvalues", "safe_t", "select", "signed_t_and_nu"]
 
 #: cell_type_mapper retries the approximate penetrance test among the p-valid genes when fewer
 #: than this many genes pass (``score_differential_genes``' ``n_valid_min``)
 N_VALID_MIN = 10
 #: a pair with a cluster of fewer cells has no markers (its ``n_cells_min``)
 N_CELLS_MIN = 2
+#: pairs per task of the selection's parallel loop (a task holds the census' scratch)
+PAIRS_PER_TASK = 16
+#: room for rounding when a gene is known to be below p_th/m from its |t| and ν alone
+NU_SLACK = 1.0e-9
+T_SLACK = 1.0e-6
 #: distance² below which a gene meets the penetrance thresholds exactly
 ABSOLUTE = 1.0e-10
 #: the CDF is clipped to [smallest normal, 1 - epsneg] before p = 2·min(cdf, 1 - cdf)
@@ -35,42 +37,55 @@ CDF_FLOOR = float(np.finfo(np.float64).smallest_normal)
 CDF_CEIL = 1.0 - float(np.finfo(np.float64).epsneg)
 
 
-def _scipy_stdtr() -> Any:
-    """scipy's own Student t CDF (``scipy.special.stdtr``, float64), callable from numba."""
-    for name in ("__pyx_fuse_0stdtr", "stdtr"):
-        try:
-            address = get_cython_function_address("scipy.special.cython_special", name)
-        except ValueError:
-            continue
-        return ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_double, ctypes.c_double)(address)
-    msg = "scipy.special.cython_special exports no float64 stdtr"
-    raise ImportError(msg)
-
-
-_stdtr = _scipy_stdtr()
-
-
-# not cached: numba cannot cache a function holding a ctypes pointer (compiled once per process)
-@numba.njit(error_model="numpy")
-def _p_value(diff, stat, nu):
-    """cell_type_mapper's two-sided p: cdf = stdtr(nu, t) with t signed as ``diff``, NaN → 0.5,
-    clipped, then 2·cdf or 2·(1 − cdf)."""
-    t = stat if diff > 0 else -stat
-    cdf = _stdtr(nu, t)
-    if not math.isfinite(cdf):
-        cdf = 0.5
-    cdf = min(max(cdf, CDF_FLOOR), CDF_CEIL)
-    return 2.0 * cdf if cdf < 0.5 else 2.0 * (1.0 - cdf)
-
-
-@numba.njit(parallel=True, error_model="numpy")
-def pvalues(stats, dfs, genes, found, p1, p2, means, out):
-    """The p-value of each row's ``found[k]`` candidates (|t| in ``stats``, ν in ``dfs``)."""
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def signed_t_and_nu(stats, genes, found, p1, p2, n_cells, means, var, var_n, t_safe, nu_out, pvals):
+    """For each row's candidates: those certainly below p_th/m (|t| above the pair's ``t_safe``
+    with ν at least its floor) get p = 0 (Holm validates every gene below p_th/m whatever its
+    rank, and cell_type_mapper's p is never 0, so 0 marks them); the others get NaN in ``pvals``,
+    their t signed as mean₁ − mean₂ in ``stats`` (which held |t|) and Welch's ν in ``nu_out``."""
     for k in numba.prange(len(found)):
         a, b = p1[k], p2[k]
+        n1, n2 = float(n_cells[a]), float(n_cells[b])
+        nu_floor = (min(n1, n2) - 1.0) * (1.0 - NU_SLACK)
         for i in range(found[k]):
             g = genes[k, i]
-            out[k, i] = _p_value(means[a, g] - means[b, g], stats[k, i], dfs[k, i])
+            nu = mmc_nu(var[a, g], var[b, g], n1, n2, var_n[a, g] + var_n[b, g])
+            if stats[k, i] > t_safe[k] and nu >= nu_floor:
+                pvals[k, i] = 0.0
+                continue
+            pvals[k, i] = np.nan
+            nu_out[k, i] = nu
+            if means[a, g] - means[b, g] <= 0:
+                stats[k, i] = -stats[k, i]
+
+
+def safe_t(n_cells: np.ndarray, p: float) -> np.ndarray:
+    """Per leaf, a |t| beyond which the two-sided p is below ``p`` for every ν ≥ (n − 1)(1 − NU_SLACK)
+    — Welch's ν is at least min(n₁, n₂) − 1 — with room for rounding (+inf for leaves under 2 cells)."""
+    from scipy import special
+
+    df = (n_cells.astype(np.float64) - 1.0) * (1.0 - NU_SLACK)
+    out = np.full(len(n_cells), np.inf)
+    ok = n_cells >= N_CELLS_MIN
+    out[ok] = -special.stdtrit(df[ok], p / 2) * (1.0 + T_SLACK)
+    return out
+
+
+def pvalues(t: np.ndarray, nu: np.ndarray) -> np.ndarray:
+    """cell_type_mapper's two-sided p from ``scipy.stats.t.cdf(t, nu)``: the CDF is NaN where
+    ν ≤ 0 or t is NaN (scipy's argument check), 1 at t = +inf, 0 at −inf, ``stdtr`` elsewhere;
+    a non-finite CDF counts as 0.5; clipped to [smallest normal, 1 − epsneg]; p = 2·cdf below
+    0.5, else 2·(1 − cdf)."""
+    from scipy import special
+
+    with np.errstate(invalid="ignore"):
+        cdf = special.stdtr(nu, t)
+        cdf[~(nu > 0)] = np.nan
+        cdf[np.isposinf(t) & (nu > 0)] = 1.0
+        cdf[np.isneginf(t) & (nu > 0)] = 0.0
+    cdf[~np.isfinite(cdf)] = 0.5
+    np.clip(cdf, CDF_FLOOR, CDF_CEIL, out=cdf)
+    return np.where(cdf < 0.5, 2.0 * cdf, 2.0 * (1.0 - cdf))
 
 
 @numba.njit(cache=True, inline="always")
@@ -87,47 +102,90 @@ def _terms(pa, pb, fold, q1_th, qdiff_th, fold_th):
 
 
 @numba.njit(cache=True, inline="always")
-def _insert(best, value):
-    """Keep the len(best) smallest values seen in ``best`` (ascending, +inf where unfilled)."""
-    n = len(best)
-    if value >= best[n - 1]:
+def _tally(a, b, g, fold, frac, th, dist, counts):
+    """One gene into the census: counts[0] += it meets the thresholds exactly; if it is above the
+    floors, its three weighted distances go to ``dist[:, counts[1]]`` and counts[1] += 1."""
+    q1_th, qdiff_th, fold_th, q1_min, qdiff_min, fold_min = th[0], th[1], th[2], th[3], th[4], th[5]
+    q1, qdiff, q1_term, qdiff_term, fold_term = _terms(frac[a, g], frac[b, g], fold, q1_th, qdiff_th, fold_th)
+    if qdiff_term + q1_term + fold_term < ABSOLUTE:
+        counts[0] += 1
+    if q1 < q1_min or qdiff < qdiff_min or fold < fold_min:
         return
-    i = n - 1
-    while i > 0 and best[i - 1] > value:
-        best[i] = best[i - 1]
-        i -= 1
-    best[i] = value
+    at = counts[1]
+    dist[0, at] = 1.5 * qdiff_term + q1_term + fold_term
+    dist[1, at] = qdiff_term + 1.5 * q1_term + fold_term
+    dist[2, at] = qdiff_term + q1_term + 1.5 * fold_term
+    counts[1] = at + 1
 
 
 @numba.njit(cache=True)
-def _census(a, b, universe, means, frac, th, n_valid, best):
-    """Over the genes of ``universe`` (gene indices): how many meet the thresholds exactly
-    (distance² < ABSOLUTE), and the cut-off distance of the approximate test (the smallest of
-    the three weighted distances' n_valid-th smallest among genes above the floors; +inf when
-    fewer than n_valid genes are above the floors)."""
-    q1_th, qdiff_th, fold_th, q1_min, qdiff_min, fold_min = th[0], th[1], th[2], th[3], th[4], th[5]
-    best[:] = np.inf
-    absolute = 0
-    above_floors = 0
+def _census(a, b, universe, gene_ok, means, frac, th, n_valid, dist, picked):
+    """Over the genes of ``universe`` (gene indices; empty: every gene with ``gene_ok``): how
+    many meet the thresholds exactly (distance² < ABSOLUTE), and the cut-off distance of the
+    approximate test (the smallest of the three weighted distances' n_valid-th smallest among
+    genes above the floors; +inf when fewer than n_valid genes are above the floors).
+    ``dist`` (3 × genes) and ``picked`` (genes) are scratch."""
+    counts = np.zeros(2, dtype=np.int64)
     # below both of these a gene is under the fold floor and cannot meet the thresholds
     # exactly (its fold term alone is > ABSOLUTE): it changes neither count nor cut-off
-    skip = min(fold_min, fold_th - 2.0e-5)
-    for g in universe:
-        fold = abs(means[a, g] - means[b, g])
-        if fold < skip:
-            continue
-        q1, qdiff, q1_term, qdiff_term, fold_term = _terms(frac[a, g], frac[b, g], fold, q1_th, qdiff_th, fold_th)
-        if qdiff_term + q1_term + fold_term < ABSOLUTE:
-            absolute += 1
-        if q1 < q1_min or qdiff < qdiff_min or fold < fold_min:
-            continue
-        above_floors += 1
-        _insert(best[0], 1.5 * qdiff_term + q1_term + fold_term)
-        _insert(best[1], qdiff_term + 1.5 * q1_term + fold_term)
-        _insert(best[2], qdiff_term + q1_term + 1.5 * fold_term)
-    if above_floors < n_valid:
+    skip = min(th[5], th[2] - 2.0e-5)
+    if len(universe):
+        for g in universe:
+            fold = abs(means[a, g] - means[b, g])
+            if fold >= skip:
+                _tally(a, b, g, fold, frac, th, dist, counts)
+    else:  # every gene: the fold filter first, compacting the genes through it without a branch
+        n_genes = means.shape[1]
+        row_a, row_b = means[a], means[b]
+        through = 0
+        for g in range(n_genes):
+            picked[through] = g
+            through += abs(row_a[g] - row_b[g]) >= skip
+        for i in range(through):
+            g = picked[i]
+            if gene_ok[g]:
+                _tally(a, b, g, abs(row_a[g] - row_b[g]), frac, th, dist, counts)
+    absolute, above = counts[0], counts[1]
+    if above < n_valid or absolute >= n_valid:  # the cut-off is not needed (or is +inf)
         return absolute, np.inf
-    return absolute, min(best[0, n_valid - 1], best[1, n_valid - 1], best[2, n_valid - 1])
+    cut = np.inf
+    for w in range(3):
+        cut = min(cut, _kth_smallest(dist[w, :above], n_valid - 1))
+    return absolute, cut
+
+
+@numba.njit(cache=True)
+def _kth_smallest(values, kth):
+    """The ``kth`` (from 0) smallest of ``values``, partitioning them in place (quickselect,
+    median-of-three pivots; no copy, unlike np.partition)."""
+    lo, hi = 0, len(values) - 1
+    while hi > lo:
+        mid = (lo + hi) // 2
+        # median of three into values[mid]
+        if values[mid] < values[lo]:
+            values[mid], values[lo] = values[lo], values[mid]
+        if values[hi] < values[lo]:
+            values[hi], values[lo] = values[lo], values[hi]
+        if values[hi] < values[mid]:
+            values[hi], values[mid] = values[mid], values[hi]
+        pivot = values[mid]
+        i, j = lo, hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            return values[kth]
+    return values[kth]
 
 
 @numba.njit(cache=True, inline="always")
@@ -150,63 +208,85 @@ def _passes(a, b, g, means, frac, th, exact, absolute_only, cutoff):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def select(found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, all_ok, p_th, th, exact, n_valid,
-           up_count, down_count):  # fmt: skip
+def select(found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact, n_valid, up_count,
+           down_count):  # fmt: skip
     """Per pair ``k``: its markers, written over row ``k`` of ``genes`` (up genes — higher in
     the second cluster, as cell_type_mapper's ``up_mask`` — then down genes, each in gene
     order), with ``up_count[k]`` and ``down_count[k]``.
 
     ``th`` holds (q1_th, qdiff_th, log2_fold_th, q1_min_th, qdiff_min_th, log2_fold_min_th);
-    ``gene_ok`` the genes that may be markers (``all_ok``: the indices of those genes);
+    ``gene_ok`` the genes that may be markers;
     ``frac`` the fraction of cells with x ≥ 1 (``ge1 / max(1, n)``).
     """
-    for k in numba.prange(len(found)):
-        a, b = p1[k], p2[k]
-        count = found[k]
-        up_count[k] = 0
-        down_count[k] = 0
-        if count == 0 or n_cells[a] < N_CELLS_MIN or n_cells[b] < N_CELLS_MIN:
-            continue
-        row = genes[k, :count].copy()
-        p = pvals[k, :count]
-        # Holm over the candidates (every gene with p < p_th; the rest are padding in m)
-        order = np.argsort(p)
-        valid_p = np.zeros(count, dtype=np.bool_)
-        running = 0.0
-        m = m_of[k]
+    n_tasks = (len(found) + PAIRS_PER_TASK - 1) // PAIRS_PER_TASK
+    n_genes = means.shape[1]
+    for task in numba.prange(n_tasks):
+        # the census' scratch, once per task: fresh arrays per pair cost page faults each time
+        dist, picked = np.empty((3, n_genes)), np.empty(n_genes, dtype=np.int64)
+        for k in range(task * PAIRS_PER_TASK, min((task + 1) * PAIRS_PER_TASK, len(found))):
+            _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact,
+                         n_valid, up_count, down_count, dist, picked)  # fmt: skip
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact, n_valid,
+                 up_count, down_count, dist, picked):  # fmt: skip
+    """:func:`select` for pair ``k``."""
+    a, b = p1[k], p2[k]
+    count = found[k]
+    up_count[k] = 0
+    down_count[k] = 0
+    if count == 0 or n_cells[a] < N_CELLS_MIN or n_cells[b] < N_CELLS_MIN:
+        return
+    row = genes[k, :count].copy()
+    p = pvals[k, :count]
+    # Holm over the candidates (every gene with p < p_th; the rest are padding in m): the
+    # genes marked p = 0 (certainly below p_th/m) come first and all pass; the others in order
+    valid_p = p == 0.0
+    n_sure = 0
+    for i in range(count):
+        n_sure += valid_p[i]
+    rest = np.flatnonzero(~valid_p)
+    order = rest[np.argsort(p[rest])]
+    running = 0.0
+    m = m_of[k]
+    for i in range(len(order)):
+        j = order[i]
+        running = max(running, p[j] * (m - n_sure - i))
+        valid_p[j] = min(running, 1.0) < p_th
+    if not valid_p.any():
+        return
+    passed = np.zeros(count, dtype=np.bool_)
+    everything = np.empty(0, dtype=np.int64)
+    n_passed = _penetrance(a, b, row, valid_p, everything, gene_ok, means, frac, th, exact, n_valid, passed,
+                           dist, picked)  # fmt: skip
+    if not exact and n_passed < N_VALID_MIN:  # once more, among the genes with a valid p
+        universe = np.empty(count, dtype=np.int64)
+        n_universe = 0
         for i in range(count):
-            j = order[i]
-            running = max(running, p[j] * (m - i))
-            valid_p[j] = min(running, 1.0) < p_th
-        passed = np.zeros(count, dtype=np.bool_)
-        n_passed = _penetrance(a, b, row, valid_p, all_ok, gene_ok, means, frac, th, exact, n_valid, passed)
-        if not exact and n_passed < N_VALID_MIN:  # once more, among the genes with a valid p
-            universe = np.empty(count, dtype=np.int64)
-            n_universe = 0
-            for i in range(count):
-                if valid_p[i] and gene_ok[row[i]]:
-                    universe[n_universe] = row[i]
-                    n_universe += 1
-            _penetrance(a, b, row, valid_p, universe[:n_universe], gene_ok, means, frac, th, exact, n_valid, passed)
-        at = 0
-        for second in (True, False):
-            for i in range(count):
-                if passed[i] and (means[b, row[i]] > means[a, row[i]]) == second:
-                    genes[k, at] = row[i]
-                    at += 1
-            if second:
-                up_count[k] = at
-        down_count[k] = at - up_count[k]
+            if valid_p[i] and gene_ok[row[i]]:
+                universe[n_universe] = row[i]
+                n_universe += 1
+        _penetrance(a, b, row, valid_p, universe[:n_universe], gene_ok, means, frac, th, exact, n_valid, passed,
+                    dist, picked)  # fmt: skip
+    at = 0
+    for second in (True, False):
+        for i in range(count):
+            if passed[i] and (means[b, row[i]] > means[a, row[i]]) == second:
+                genes[k, at] = row[i]
+                at += 1
+        if second:
+            up_count[k] = at
+    down_count[k] = at - up_count[k]
 
 
 @numba.njit(cache=True)
-def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed):
+def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed, dist, picked):
     """``passed[i]``: candidate i has a valid p and passes the penetrance test over ``universe``;
     returns how many pass."""
     absolute_only, cutoff = False, np.inf
     if not exact:
-        best = np.empty((3, max(n_valid, 1)))
-        absolute, cutoff = _census(a, b, universe, means, frac, th, n_valid, best)
+        absolute, cutoff = _census(a, b, universe, gene_ok, means, frac, th, n_valid, dist, picked)
         absolute_only = absolute >= n_valid
     n = 0
     for i in range(len(row)):

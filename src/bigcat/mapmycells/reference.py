@@ -30,7 +30,7 @@ ROWS_PER_BLOCK = 256
 class MarkerInput:
     """What the reference-marker test reads, per leaf (rows, in sorted leaf order) and gene,
     computed as cell_type_mapper's ``aggregate_stats`` does: mean = sum / max(1, n), var =
-    (sumsq − sum²/max(1, n)) / max(1, n − 1), frac = ge1 / max(1, n)."""
+    (sumsq − sum²/max(1, n)) / max(1, n − 1), var_n = var / n, frac = ge1 / max(1, n)."""
 
     source: str
     level: str
@@ -39,6 +39,7 @@ class MarkerInput:
     n_cells: np.ndarray
     means: np.ndarray
     var: np.ndarray
+    var_n: np.ndarray  # var / n: the terms of Welch's standard error, as cell_type_mapper divides
     frac: np.ndarray
 
 
@@ -80,7 +81,7 @@ def read_marker_input(path: str | os.PathLike, storage_options: dict | None = No
         n_all = np.asarray(f["n_cells"][()], dtype=np.int64)
         n_cells = n_all[rows]
         shape = (len(leaves), len(genes))
-        means, var, frac = np.empty(shape), np.empty(shape), np.empty(shape)
+        means, var, var_n, frac = np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape)
         order = np.argsort(rows, kind="stable")  # read in file order, place in leaf order
         for lo in range(0, len(rows), ROWS_PER_BLOCK):
             pick = order[lo : lo + ROWS_PER_BLOCK]
@@ -94,8 +95,11 @@ def read_marker_input(path: str | os.PathLike, storage_options: dict | None = No
             ge1 = np.asarray(f["ge1"][np.sort(file_rows)], dtype=np.int64)[back]
             means[pick] = s / n
             var[pick] = (sq - s**2 / n) / n_minus
+            with np.errstate(divide="ignore", invalid="ignore"):  # a leaf without cells has no markers
+                var_n[pick] = var[pick] / n_cells[pick][:, None]
             frac[pick] = ge1 / n
-    return MarkerInput(source, level, [str(x) for x in leaves], [str(g) for g in genes], n_cells, means, var, frac)
+    return MarkerInput(source, level, [str(x) for x in leaves], [str(g) for g in genes], n_cells, means, var, var_n,
+                       frac)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -252,19 +256,27 @@ def _allowed_genes(data: MarkerInput, genes: Sequence[str] | None) -> np.ndarray
 def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds, progress: bool | None) -> Any:
     """``(up_counts, up_genes, down_counts, down_genes)`` chunk by chunk of pairs, in pair order."""
     from bigcat.de import engine
+    from bigcat.mapmycells import _kernels
     from bigcat.progress import progress_bar
 
     p1, p2 = leaf_pairs(len(data.leaves))
     runner = engine.MarkerRun(data, th.p_th, boring_t(th.p_th))
-    all_ok = np.flatnonzero(gene_ok).astype(np.int64)
     n_valid = min(th.n_valid, len(data.genes))
-    from bigcat.mapmycells import _kernels
+    t_safe = _kernels.safe_t(data.n_cells, th.p_th / len(data.genes))
 
     def select(c1: np.ndarray, c2: np.ndarray, rows: Any, found: np.ndarray, m: np.ndarray) -> tuple:
-        _kernels.pvalues(rows.stats, rows.dfs, rows.genes, found, c1, c2, data.means, rows.pvals)
+        # p = 0 for the genes certainly below p_th/m; the others' signed t (in stats) and ν (in
+        # dfs), then their p in one vectorized call
+        safe = t_safe[np.where(data.n_cells[c1] <= data.n_cells[c2], c1, c2)]
+        _kernels.signed_t_and_nu(rows.stats, rows.genes, found, c1, c2, data.n_cells, data.means, data.var,
+                                 data.var_n, safe, rows.dfs, rows.pvals)  # fmt: skip
+        used = int(found.max(initial=0))
+        p = rows.pvals[:, :used]
+        todo = (np.arange(used)[None, :] < found[:, None]) & np.isnan(p)
+        p[todo] = _kernels.pvalues(rows.stats[:, :used][todo], rows.dfs[:, :used][todo])
         up, down = np.zeros(len(c1), dtype=np.int64), np.zeros(len(c1), dtype=np.int64)
         _kernels.select(found, rows.genes, rows.pvals, m, c1, c2, data.n_cells, data.means, data.frac, gene_ok,
-                        all_ok, th.p_th, th.array, th.exact_penetrance, n_valid, up, down)  # fmt: skip
+                        th.p_th, th.array, th.exact_penetrance, n_valid, up, down)  # fmt: skip
         width = int((up + down).max(initial=0))
         cols = np.arange(width)[None, :]
         block = rows.genes[:, :width]
