@@ -13,12 +13,14 @@ cell_type_mapper's NumPy code performs it, so ties and thresholds fall the same 
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
 from bigcat.de.kernels import mmc_nu
 
-__all__ = ["N_VALID_MIN", "pvalues", "safe_t", "select", "signed_t_and_nu"]
+__all__ = ["N_VALID_MIN", "pending", "pvalues", "safe_table", "select", "signed_t_and_nu"]
 
 #: cell_type_mapper retries the approximate penetrance test among the p-valid genes when fewer
 #: than this many genes pass (``score_differential_genes``' ``n_valid_min``)
@@ -27,9 +29,10 @@ N_VALID_MIN = 10
 N_CELLS_MIN = 2
 #: pairs per task of the selection's parallel loop (a task holds the census' scratch)
 PAIRS_PER_TASK = 16
-#: room for rounding when a gene is known to be below p_th/m from its |t| and ν alone
-NU_SLACK = 1.0e-9
+#: room for rounding when a gene is known to be below p_th/m from its |t| and ν alone, and the
+#: spacing of that table in log ν
 T_SLACK = 1.0e-6
+SAFE_STEP = 0.01
 #: distance² below which a gene meets the penetrance thresholds exactly
 ABSOLUTE = 1.0e-10
 #: the CDF is clipped to [smallest normal, 1 - epsneg] before p = 2·min(cdf, 1 - cdf)
@@ -38,19 +41,18 @@ CDF_CEIL = 1.0 - float(np.finfo(np.float64).epsneg)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def signed_t_and_nu(stats, genes, found, p1, p2, n_cells, means, var, var_n, t_safe, nu_out, pvals):
-    """For each row's candidates: those certainly below p_th/m (|t| above the pair's ``t_safe``
-    with ν at least its floor) get p = 0 (Holm validates every gene below p_th/m whatever its
-    rank, and cell_type_mapper's p is never 0, so 0 marks them); the others get NaN in ``pvals``,
-    their t signed as mean₁ − mean₂ in ``stats`` (which held |t|) and Welch's ν in ``nu_out``."""
+def signed_t_and_nu(stats, genes, found, p1, p2, n_cells, means, var, var_n, safe, nu_out, pvals):
+    """For each row's candidates: those certainly below p_th/m (|t| above ``safe`` at their ν, see
+    :func:`safe_table`) get p = 0 (Holm validates every gene below p_th/m whatever its rank, and
+    cell_type_mapper's p is never 0, so 0 marks them); the others get NaN in ``pvals``, their t
+    signed as mean₁ − mean₂ in ``stats`` (which held |t|) and Welch's ν in ``nu_out``."""
     for k in numba.prange(len(found)):
         a, b = p1[k], p2[k]
         n1, n2 = float(n_cells[a]), float(n_cells[b])
-        nu_floor = (min(n1, n2) - 1.0) * (1.0 - NU_SLACK)
         for i in range(found[k]):
             g = genes[k, i]
             nu = mmc_nu(var[a, g], var[b, g], n1, n2, var_n[a, g] + var_n[b, g])
-            if stats[k, i] > t_safe[k] and nu >= nu_floor:
+            if nu >= 1.0 and stats[k, i] > safe[min(int(math.log(nu) / SAFE_STEP), len(safe) - 1)]:
                 pvals[k, i] = 0.0
                 continue
             pvals[k, i] = np.nan
@@ -59,16 +61,31 @@ def signed_t_and_nu(stats, genes, found, p1, p2, n_cells, means, var, var_n, t_s
                 stats[k, i] = -stats[k, i]
 
 
-def safe_t(n_cells: np.ndarray, p: float) -> np.ndarray:
-    """Per leaf, a |t| beyond which the two-sided p is below ``p`` for every ν ≥ (n − 1)(1 − NU_SLACK)
-    — Welch's ν is at least min(n₁, n₂) − 1 — with room for rounding (+inf for leaves under 2 cells)."""
+@numba.njit(cache=True)
+def pending(pvals, stats, nus, found):
+    """The candidates :func:`signed_t_and_nu` left without a p (NaN): their row, column, t and ν."""
+    n = 0
+    for k in range(len(found)):
+        for i in range(found[k]):
+            n += pvals[k, i] != pvals[k, i]
+    rows, cols = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    t, nu = np.empty(n), np.empty(n)
+    n = 0
+    for k in range(len(found)):
+        for i in range(found[k]):
+            if pvals[k, i] != pvals[k, i]:
+                rows[n], cols[n], t[n], nu[n] = k, i, stats[k, i], nus[k, i]
+                n += 1
+    return rows, cols, t, nu
+
+
+def safe_table(p: float, nu_max: float) -> np.ndarray:
+    """``safe[i]``: a |t| beyond which the two-sided p is below ``p`` for every ν ≥ exp(i·SAFE_STEP)
+    (p falls as ν grows at a fixed t), with room for rounding; i up to ν = nu_max."""
     from scipy import special
 
-    df = (n_cells.astype(np.float64) - 1.0) * (1.0 - NU_SLACK)
-    out = np.full(len(n_cells), np.inf)
-    ok = n_cells >= N_CELLS_MIN
-    out[ok] = -special.stdtrit(df[ok], p / 2) * (1.0 + T_SLACK)
-    return out
+    nu = np.exp(np.arange(0.0, np.log(max(nu_max, 2.0)) + 2 * SAFE_STEP, SAFE_STEP))
+    return -special.stdtrit(nu, p / 2) * (1.0 + T_SLACK)
 
 
 def pvalues(t: np.ndarray, nu: np.ndarray) -> np.ndarray:
@@ -281,11 +298,32 @@ def _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gen
 
 
 @numba.njit(cache=True)
+def _census_matters(a, b, row, valid_p, gene_ok, means, frac, th):
+    """Whether the census can change a decision: only for a candidate with a valid p that is
+    above the floors without meeting the thresholds exactly (it passes only within the cut-off,
+    and never when n_valid genes meet them), or that meets them below a floor (it passes only
+    then). A gene that meets them above the floors passes either way; one that does neither
+    fails either way."""
+    q1_th, qdiff_th, fold_th, q1_min, qdiff_min, fold_min = th[0], th[1], th[2], th[3], th[4], th[5]
+    for i in range(len(row)):
+        g = row[i]
+        if not (valid_p[i] and gene_ok[g]):
+            continue
+        fold = abs(means[a, g] - means[b, g])
+        q1, qdiff, q1_term, qdiff_term, fold_term = _terms(frac[a, g], frac[b, g], fold, q1_th, qdiff_th, fold_th)
+        exactly = qdiff_term + q1_term + fold_term < ABSOLUTE
+        floors = not (q1 < q1_min or qdiff < qdiff_min or fold < fold_min)
+        if exactly != floors:
+            return True
+    return False
+
+
+@numba.njit(cache=True)
 def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed, dist, picked):
     """``passed[i]``: candidate i has a valid p and passes the penetrance test over ``universe``;
     returns how many pass."""
     absolute_only, cutoff = False, np.inf
-    if not exact:
+    if not exact and _census_matters(a, b, row, valid_p, gene_ok, means, frac, th):
         absolute, cutoff = _census(a, b, universe, gene_ok, means, frac, th, n_valid, dist, picked)
         absolute_only = absolute >= n_valid
     n = 0
