@@ -856,6 +856,109 @@ def run_de(n_repeat: int, full: bool) -> tuple[str, dict]:
     return "\n".join(lines), results
 
 
+MMC_COMPARE = """
+import json, sys, h5py, numpy as np
+same = total = 0
+with h5py.File(sys.argv[1]) as a, h5py.File(sys.argv[2]) as b:
+    identical = all(np.array_equal(a[k][()], b[k][()]) for k in ("sparse_by_pair/up_pair_idx",
+                    "sparse_by_pair/up_gene_idx", "sparse_by_pair/down_pair_idx", "sparse_by_pair/down_gene_idx",
+                    "sparse_by_gene/up_gene_idx", "sparse_by_gene/up_pair_idx", "sparse_by_gene/down_gene_idx",
+                    "sparse_by_gene/down_pair_idx"))
+    n = len(json.loads(a["gene_names"][()].decode()))
+    for d in ("up", "down"):
+        sets = []
+        for f in (a, b):
+            ptr, genes = f[f"sparse_by_pair/{d}_pair_idx"][()].astype(np.int64), f[f"sparse_by_pair/{d}_gene_idx"][()]
+            sets.append(set((np.repeat(np.arange(len(ptr) - 1), np.diff(ptr)) * n + genes).tolist()))
+        same += len(sets[0] & sets[1])
+        total += len(sets[0] | sets[1])
+print(int(identical), same, total)
+"""
+
+
+def _mmc_stats(leaves: int, genes: int, cells: int) -> Path:
+    """A precomputed_stats.h5 of a synthetic atlas with a four-level taxonomy (made once)."""
+    out = DATA / f"mmc-stats-{leaves}x{genes}.h5"
+    if out.exists():
+        return out
+    if (leaves, genes) == (5000, SCALES["S"]["genes"]):
+        source = DATA / "atlas-S-200000x32285-5000cl.zarr"
+        if not source.exists():
+            source = dataset("S", 5000)
+    else:
+        source = DATA / f"atlas-mmc-{cells}x{genes}-{leaves}cl.h5ad"
+        if not source.exists():
+            measure([*BIGCAT, "synth", str(source), "--cells", str(cells), "--genes", str(genes), "--clusters",
+                     str(leaves), "--seed", "7", "--quiet"])  # fmt: skip
+    taxonomy = DATA / f"taxonomy-{leaves}cl.csv"
+    measure([sys.executable, "-c", MMC_TAXONOMY, str(source), str(taxonomy)])
+    measure([*BIGCAT, "stats", str(source), "--by", "cluster", "--normalize", "log2cpm", "--format", "mapmycells",
+             "--hierarchy", "class,subclass,supertype,cluster", "--taxonomy", str(taxonomy), "--out", str(out),
+             "--quiet", "--overwrite"])  # fmt: skip
+    return out
+
+
+MMC_TAXONOMY = """
+import sys, numpy as np, pandas as pd, bigcat
+ds = bigcat.open_dataset(sys.argv[1])
+leaves = sorted(pd.unique(np.asarray(ds["cluster"].values).astype(str)))
+table = pd.DataFrame({"cluster": leaves})
+for level, size in (("supertype", 5), ("subclass", 50), ("class", 250)):
+    table[level] = [f"{level}{i // size:04d}" for i in range(len(leaves))]
+table.to_csv(sys.argv[2], index=False)
+"""
+
+
+def run_mapmycells(n_repeat: int, full: bool) -> tuple[str, dict]:
+    """``bigcat mapmycells reference-markers`` on 1,000 leaves × 5,000 genes (and 5,000 × 32,285 with
+    ``--scale M``); beside it cell_type_mapper's own ``reference_markers`` on the same file when
+    ``CELL_TYPE_MAPPER_PYTHON`` names a Python that has it (a scratch venv outside the repository),
+    and the two files compared entry by entry."""
+    import os
+
+    cases = [(1000, 5000, 100_000)] + ([(5000, SCALES["S"]["genes"], 0)] if full else [])
+    peer = os.environ.get("CELL_TYPE_MAPPER_PYTHON")
+    results: dict = {}
+    for leaves, genes, cells in cases:
+        name = f"{leaves:,} leaves × {genes:,} genes"
+        stats = _mmc_stats(leaves, genes, cells)
+        out = DATA / f"mmc-ref-{leaves}x{genes}.h5"
+        print(f"[mapmycells] {name} ×{n_repeat}", flush=True)
+        results[name] = repeat([*BIGCAT, "mapmycells", "reference-markers", str(stats), "--out", str(out),
+                                "--overwrite", "--quiet"], n_repeat)  # fmt: skip
+        results[name]["pairs"] = leaves * (leaves - 1) // 2
+        if peer and leaves <= 1000:
+            folder = DATA / f"mmc-ctm-{leaves}x{genes}"
+            folder.mkdir(exist_ok=True)
+            print(f"[mapmycells] cell_type_mapper {name}", flush=True)
+            run = measure([peer, "-m", "cell_type_mapper.cli.reference_markers", "--precomputed_path_list",
+                           json.dumps([str(stats)]), "--output_dir", str(folder), "--n_processors", "2",
+                           "--clobber", "True", "--tmp_dir", str(folder)])  # fmt: skip
+            check = measure([sys.executable, "-c", MMC_COMPARE, str(out), str(folder / "reference_markers.h5")])
+            identical, same, total = map(int, check["stdout"].split())
+            results[name]["cell_type_mapper"] = {"wall": run["wall"], "rss": run["rss"], "identical": identical,
+                                                 "same": same, "total": total}  # fmt: skip
+    lines = [
+        "### MapMyCells reference markers",
+        "",
+        "`bigcat mapmycells reference-markers precomputed_stats.h5 --out reference_markers.h5` (cell_type_mapper's "
+        "defaults), every pair of leaves of a synthetic atlas (`bigcat synth`, four-level taxonomy); whole process. "
+        "cell_type_mapper 1.7.1 (`python -m cell_type_mapper.cli.reference_markers --n_processors 2`) on the same "
+        "file, in a scratch venv outside the repository.",
+        "",
+        "| leaves × genes | pairs | bigcat wall (median, min–max) | peak RSS | cell_type_mapper | ratio | agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in results.items():
+        peer_run = m.get("cell_type_mapper")
+        other = (f"{peer_run['wall']:.0f} s, {gib(peer_run['rss'])} | {peer_run['wall'] / m['wall']:.0f}× | "
+                 f"{'identical arrays' if peer_run['identical'] else ''} {peer_run['same']:,}/{peer_run['total']:,}"
+                 if peer_run else "— | — | —")  # fmt: skip
+        lines.append(f"| {name} | {m['pairs']:,} | {m['wall']:.1f} s ({m['wall_min']:.1f}–{m['wall_max']:.1f}) | "
+                     f"{gib(m['rss'])} | {other} |")  # fmt: skip
+    return "\n".join(lines), results
+
+
 def run_scaling(n_repeat: int, full: bool) -> tuple[str, dict]:
     """bigcat ``blocks`` end to end vs cells (50k, 200k[, 1M]) and vs clusters (50, 500, 5,000)."""
     import h5py
@@ -969,14 +1072,14 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument(
         "--only",
-        choices=["convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de"],
+        choices=["convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de", "mapmycells"],
         help="Run one group of benchmarks.",
     )
     parser.add_argument("--clusters", nargs="+", type=int, default=[50, 5000], help="Cluster counts for stats.")
     parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
-    groups = ("convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de")
+    groups = ("convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de", "mapmycells")
     sections: dict[str, list[str]] = {g: [] for g in groups}
 
     def record(group: str, name: str, text: str, results: object) -> None:
@@ -1002,6 +1105,8 @@ def main() -> None:
         record("knn", "knn", *run_knn(ARGS.repeat))
     if ARGS.only in (None, "de"):
         record("de", "de", *run_de(ARGS.repeat, full="M" in ARGS.scale))
+    if ARGS.only in (None, "mapmycells"):
+        record("mapmycells", "mapmycells", *run_mapmycells(ARGS.repeat, full="M" in ARGS.scale))
     write_report({group: "\n\n".join(texts) for group, texts in sections.items() if texts}, ARGS.report)
     print(f"wrote {ARGS.report}")
 
