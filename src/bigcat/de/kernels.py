@@ -1,10 +1,11 @@
 """Compiled (numba) kernels of the all-pairs DE engine.
 
-For a chunk of cluster pairs, :func:`candidates` computes each pair's test statistic for every
-gene (fused, in parallel over pairs) and keeps only the genes whose p-value can be below
-``padj_th`` — every gene Holm's adjustment can select, and every gene ranked before one — with
-the number ``m`` of genes whose p-value is defined (Holm's count); :func:`tighten` cuts them down
-to those Holm can still select given how many there are. :func:`select` then ranks a
+For a chunk of cluster pairs, :func:`scan` computes each pair's test statistic for every gene
+(fused, in parallel over pairs) and keeps only the genes whose p-value can be below ``padj_th``
+and that Holm's adjustment can still select given how many genes are that low (a cut found from
+counts at a ladder of candidate counts) — every gene Holm can select, and every gene ranked
+before one — with the number ``m`` of genes whose p-value is defined (Holm's count);
+:func:`tighten` cuts them down further, to a fixed point. :func:`select` then ranks a
 pair's candidates by p, adjusts them, applies scrattch.bigcat's ``de_stats_pair`` rules and
 keeps the scores and the top genes of each direction. Exact p-values are computed in between,
 for the candidates only (:mod:`bigcat.de.engine`).
@@ -22,7 +23,7 @@ import numba
 import numpy as np
 
 __all__ = [
-    "CHISQ", "FAST_LIMMA", "MMC_WELCH", "T_TEST", "candidates", "chisq_pvalues", "count_above", "keep_above", "mmc_nu",
+    "CHISQ", "FAST_LIMMA", "MMC_WELCH", "T_TEST", "chisq_pvalues", "count_above", "keep_above", "mmc_nu",
     "scan", "select", "table_pvalues", "tighten",
 ]  # fmt: skip
 
@@ -60,10 +61,6 @@ def _statistic(method, a, b, g, means, spread, counts, n1, n2, scale):
             stat += d * d / e
         return stat, 1.0, True  # R sets an undefined χ² p-value to 1: it still counts
     lfc = means[a, g] - means[b, g]
-    if method == MMC_WELCH:  # cell_type_mapper's _calculate_tt_nu; spread holds var / n (the df: see mmc_nu)
-        se = math.sqrt(spread[a, g] + spread[b, g])
-        t = lfc / (se if se > 0 else 1.0e-10)
-        return abs(t), 0.0, True  # p is defined (NaN counts as 1) for every gene
     if method == FAST_LIMMA:
         t = abs(lfc) * spread[0, g] / scale  # spread holds 1 / posterior sd; scale sqrt(1/n1 + 1/n2)
         return t, 0.0, not math.isnan(t)
@@ -72,38 +69,6 @@ def _statistic(method, a, b, g, means, spread, counts, n1, n2, scale):
     t = abs(lfc) / math.sqrt(se2)
     df = se2 * se2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (n2 - 1))
     return t, df, not (math.isnan(t) or math.isnan(df))
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def candidates(method, means, spread, counts, n_cells, p1, p2, crit, offsets, genes, stats, dfs, found, m_out):
-    """The candidate genes of each pair: statistic > ``crit[k]``, a bound below which p ≥ padj_th.
-
-    Called twice: with empty ``genes`` it only counts (``found[k]``) and records ``m_out[k]``,
-    the genes whose p-value is defined; then, with ``offsets`` the running sum of the counts,
-    it writes pair ``k``'s candidates (in gene order) from ``offsets[k]``.
-    """
-    n_genes = means.shape[1]
-    fill = len(genes) > 0
-    for k in numba.prange(len(p1)):
-        a, b = p1[k], p2[k]
-        n1, n2 = float(n_cells[a]), float(n_cells[b])
-        scale = math.sqrt(1.0 / n1 + 1.0 / n2)
-        at = offsets[k] if fill else 0
-        m = 0
-        for g in range(n_genes):
-            stat, df, defined = _statistic(method, a, b, g, means, spread, counts, n1, n2, scale)
-            if not defined:
-                continue
-            m += 1
-            if stat > crit[k]:
-                if fill:
-                    genes[at] = g
-                    stats[at] = stat
-                    dfs[at] = df
-                at += 1
-        if not fill:
-            found[k] = at
-            m_out[k] = m
 
 
 #: genes per block of the scan: a block's statistics are computed in one simple loop (which
