@@ -81,7 +81,8 @@ def centroid_coordinates(means: np.ndarray, rows: np.ndarray, n_components: int 
     (randomized SVD with a fixed seed: seconds for thousands of clusters × all genes)."""
     from sklearn.utils.extmath import randomized_svd
 
-    x = np.nan_to_num(means[rows])
+    x = means[rows]  # a copy (fancy index): cleaned and centred in place, no second full-size copy
+    np.nan_to_num(x, copy=False)
     x -= x.mean(axis=0)
     n = max(1, min(n_components, len(rows) - 1, x.shape[1]))
     u, s, _ = randomized_svd(x, n, n_iter=4, random_state=0)
