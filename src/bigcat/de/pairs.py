@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bigcat.errors import BigcatInputError, InputNotFoundError
+from bigcat._io.tables import read_table
+from bigcat.errors import BigcatInputError
 
 __all__ = ["resolve_pairs"]
 
@@ -92,7 +93,7 @@ def centroid_coordinates(means: np.ndarray, rows: np.ndarray, n_components: int 
 def _sibling_pairs(spec: str, clusters: pd.Index, taking_part: np.ndarray, storage_options: dict | None) -> tuple:
     body = spec.split(":", 1)[1]
     path, _, column = body.rpartition(":") if body.count(":") and not _exists(body) else (body, "", "")
-    table = _read_table(path, storage_options)
+    table = read_table(path, storage_options, what="taxonomy table")
     if "cluster" not in table.columns:
         msg = f"{path}: a taxonomy table needs a 'cluster' column (and its parent's)"
         raise BigcatInputError(msg)
@@ -119,7 +120,8 @@ def _table_pairs(
     pairs: Any, clusters: pd.Index, taking_part: np.ndarray, source: str, storage_options: dict | None
 ) -> tuple:
     where = str(pairs) if isinstance(pairs, (str, os.PathLike)) else "the pairs table"
-    table = _read_table(pairs, storage_options) if isinstance(pairs, (str, os.PathLike)) else pd.DataFrame(pairs)
+    named = isinstance(pairs, (str, os.PathLike))
+    table = read_table(pairs, storage_options, what="table of pairs") if named else pd.DataFrame(pairs)
     if not {"P1", "P2"} <= set(table.columns):
         msg = f"{where}: a pairs table needs columns P1 and P2"
         raise BigcatInputError(msg)
@@ -138,19 +140,3 @@ def _exists(path: str) -> bool:
     from bigcat._io import fs
 
     return fs.exists(path)
-
-
-def _read_table(path: Any, storage_options: dict | None) -> pd.DataFrame:
-    from bigcat._io import fs
-
-    if not fs.exists(path, storage_options):
-        msg = f"{path}: no such file"
-        raise InputNotFoundError(msg)
-    options = storage_options if fs.is_url(path) else None
-    try:
-        if fs.suffix_of(path) == ".parquet":
-            return pd.read_parquet(str(path), storage_options=options)
-        return pd.read_csv(str(path), storage_options=options)
-    except (ValueError, OSError) as error:
-        msg = f"{path}: not a readable CSV/Parquet table ({str(error).splitlines()[0]})"
-        raise BigcatInputError(msg) from error

@@ -211,24 +211,9 @@ def _check_tree(pairs: pd.DataFrame, level: str, where: str) -> None:
 
 
 def _read_taxonomy(taxonomy: Any, levels: list[str], storage_options: dict | None) -> pd.DataFrame:
-    from bigcat._io import fs
+    from bigcat._io.tables import read_table
 
-    if isinstance(taxonomy, pd.DataFrame):
-        table = taxonomy
-    else:
-        path = fs.path_of(taxonomy)
-        if not fs.exists(path, storage_options):
-            msg = f"{path}: no such file or directory"
-            raise BigcatInputError(msg)
-        options = storage_options if fs.is_url(path) else None
-        try:
-            if fs.suffix_of(path) == ".parquet":
-                table = pd.read_parquet(path, storage_options=options)
-            else:
-                table = pd.read_csv(path, storage_options=options)
-        except Exception as error:
-            msg = f"{path}: not a readable CSV/Parquet taxonomy table ({str(error).splitlines()[0]})"
-            raise BigcatInputError(msg) from error
+    table = read_table(taxonomy, storage_options, what="taxonomy table")
     missing = [level for level in levels if level not in table.columns]
     if missing:
         msg = f"{taxonomy}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(str, table.columns))})"

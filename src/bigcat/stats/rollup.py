@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from bigcat.errors import BigcatInputError, InputNotFoundError
+from bigcat.errors import BigcatInputError
 from bigcat.stats.formats import read_stats
 from bigcat.stats.statistics import ACCUMULATORS, NEEDS, count_dtype, extra_present_names
 
@@ -74,16 +73,9 @@ def rollup(
 
 
 def _table(taxonomy: Any, storage_options: dict | None) -> pd.DataFrame:
-    from bigcat._io import fs
+    from bigcat._io.tables import read_table
 
-    if isinstance(taxonomy, pd.DataFrame):
-        return taxonomy
-    if not isinstance(taxonomy, (str, os.PathLike)) or not fs.exists(taxonomy, storage_options):
-        msg = f"{taxonomy}: no such taxonomy table"
-        raise InputNotFoundError(msg)
-    options = storage_options if fs.is_url(taxonomy) else None
-    reader = pd.read_parquet if fs.suffix_of(taxonomy) == ".parquet" else pd.read_csv
-    return reader(str(taxonomy), storage_options=options)
+    return read_table(taxonomy, storage_options, what="taxonomy table")
 
 
 def _rollup_level(ds: xr.Dataset, table: pd.DataFrame, cluster_column: str, level: str, where: str) -> xr.Dataset:
