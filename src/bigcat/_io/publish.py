@@ -227,7 +227,8 @@ def written_by_bigcat(path: Path) -> bool:
     ``.h5ad``/``.h5``: the root attribute ``bigcat`` (or, from older versions, the
     statistics' ``uns/bigcat_stats`` or MapMyCells ``metadata`` naming bigcat); ``.parquet``:
     the ``bigcat`` key of the file metadata; images: bigcat named as their software; ``.csv``
-    (no place for a marker): the header of one of bigcat's tables.
+    (no place for a marker): the header of one of bigcat's tables; ``.json`` (MapMyCells query
+    markers): ``"written_by": "bigcat"`` in its closing metadata.
     """
     suffix = path.suffix.lower()
     try:
@@ -246,6 +247,10 @@ def written_by_bigcat(path: Path) -> bool:
             with path.open("r", errors="replace") as handle:
                 first = handle.readline().strip().replace('"', "")
             return any(first.startswith(h) for h in CSV_HEADERS)
+        if suffix == ".json":
+            with path.open("rb") as handle:
+                handle.seek(max(0, path.stat().st_size - (1 << 16)))
+                return b'"written_by": "bigcat"' in handle.read()
         if suffix in (".png", ".svg", ".pdf"):
             with path.open("rb") as handle:
                 return b"bigcat" in handle.read(1 << 16)
