@@ -875,6 +875,14 @@ with h5py.File(sys.argv[1]) as a, h5py.File(sys.argv[2]) as b:
 print(int(identical), same, total)
 """
 
+MMC_QCOMPARE = """
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+keys = [k for k in a if k not in ("log", "metadata")]
+same_keys = set(keys) == {k for k in b if k not in ("log", "metadata")}
+print(int(same_keys), len(keys), sum(a[k] == b.get(k) for k in keys), sum(set(a[k]) == set(b.get(k, [])) for k in keys))
+"""
+
 
 def _mmc_stats(leaves: int, genes: int, cells: int) -> Path:
     """A precomputed_stats.h5 of a synthetic atlas with a four-level taxonomy (made once)."""
@@ -938,6 +946,23 @@ def run_mapmycells(n_repeat: int, full: bool) -> tuple[str, dict]:
             identical, same, total = map(int, check["stdout"].split())
             results[name]["cell_type_mapper"] = {"wall": run["wall"], "rss": run["rss"], "identical": identical,
                                                  "same": same, "total": total}  # fmt: skip
+        queries = DATA / f"mmc-query-{leaves}x{genes}.json"
+        print(f"[mapmycells] query markers {name} ×{n_repeat}", flush=True)
+        results[name]["query"] = repeat([*BIGCAT, "mapmycells", "query-markers", str(out), "--out", str(queries),
+                                         "--overwrite", "--quiet"], n_repeat)  # fmt: skip
+        if peer and leaves <= 1000:
+            print(f"[mapmycells] cell_type_mapper query markers {name}", flush=True)
+            theirs = DATA / f"mmc-ctm-{leaves}x{genes}" / "query_markers.json"
+            # one process: with more, cell_type_mapper lists the first (\"desperate\") markers of a
+            # parent in another order (its pairs renumbered per process), the same genes
+            run = measure([peer, "-m", "cell_type_mapper.cli.query_markers", "--reference_marker_path_list",
+                           json.dumps([str(out)]), "--output_path", str(theirs), "--n_processors", "1",
+                           "--tmp_dir", str(theirs.parent)])  # fmt: skip
+            check = measure([sys.executable, "-c", MMC_QCOMPARE, str(queries), str(theirs)])
+            same_keys, parents, same_order, same_set = map(int, check["stdout"].split())
+            results[name]["query"]["cell_type_mapper"] = {"wall": run["wall"], "rss": run["rss"], "parents": parents,
+                                                          "same_order": same_order if same_keys else 0,
+                                                          "same_set": same_set}  # fmt: skip
     lines = [
         "### MapMyCells reference markers",
         "",
@@ -956,6 +981,25 @@ def run_mapmycells(n_repeat: int, full: bool) -> tuple[str, dict]:
                  if peer_run else "— | — | —")  # fmt: skip
         lines.append(f"| {name} | {m['pairs']:,} | {m['wall']:.1f} s ({m['wall_min']:.1f}–{m['wall_max']:.1f}) | "
                      f"{gib(m['rss'])} | {other} |")  # fmt: skip
+    lines += [
+        "",
+        "### MapMyCells query markers",
+        "",
+        "`bigcat mapmycells query-markers reference_markers.h5 --out query_markers.json` (defaults: 30 per pair and "
+        "direction) on the reference markers above, every parent node of the four-level taxonomy; whole process. "
+        "cell_type_mapper 1.7.1 (`python -m cell_type_mapper.cli.query_markers --n_processors 1`) on the same file.",
+        "",
+        "| leaves × genes | bigcat wall (median, min–max) | peak RSS | cell_type_mapper | ratio | agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in results.items():
+        q = m["query"]
+        peer_run = q.get("cell_type_mapper")
+        other = (f"{peer_run['wall']:.1f} s, {gib(peer_run['rss'])} | {peer_run['wall'] / q['wall']:.0f}× | "
+                 f"{peer_run['same_order']}/{peer_run['parents']} parents the same genes in the same order"
+                 if peer_run else "— | — | —")  # fmt: skip
+        lines.append(f"| {name} | {q['wall']:.1f} s ({q['wall_min']:.1f}–{q['wall_max']:.1f}) | {gib(q['rss'])} | "
+                     f"{other} |")  # fmt: skip
     return "\n".join(lines), results
 
 
