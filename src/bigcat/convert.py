@@ -120,6 +120,7 @@ def convert(
                 dtype=source.dtype, layout=layout, overwrite=overwrite, source={"input": source.fingerprint()},
                 chunk_cells=chunk_cells or DENSE_CHUNK_CELLS,
                 resume=resume if (resume or output_kind(output) == "zarr") else None, shard=shard_values,
+                nnz=source.nnz,
             ) as writer,
             progress_bar(total=source.shape[0], unit="cells", desc="convert", enabled=progress) as bar,
         ):  # fmt: skip

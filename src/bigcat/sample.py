@@ -190,6 +190,7 @@ def sample(
                 layout=layout,
                 overwrite=overwrite,
                 source={"input": source.fingerprint(), "sample": {"seed": seed}},
+                nnz=_nnz_bound(source, cell_index),
             ) as writer,
             progress_bar(total=len(cell_index), unit="cells", desc="sample", enabled=progress) as bar,
         ):
@@ -268,3 +269,11 @@ def _say_what_stays_out(source: MatrixSource) -> None:
     if elements:
         names = ", ".join(e.name for e in elements[:12]) + (" …" if len(elements) > 12 else "")
         log.warning("%s: the sample holds X, obs, var and uns; not copied: %s", source.path, names)
+
+
+def _nnz_bound(source: Any, cell_index: np.ndarray) -> int:
+    """At most this many values are kept: those of the chosen rows (of every value when X is
+    not stored by row)."""
+    if source.encoding == "csr":
+        return int(np.diff(source.indptr)[cell_index].sum())
+    return int(source.nnz)

@@ -39,6 +39,20 @@ from bigcat._io.shards import GrowingArray
 from bigcat._io.sniff import output_kind
 from bigcat.errors import BigcatInputError
 
+#: the largest index (and number of stored values) an int32 CSR holds
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def csr_index_dtype(n_genes: int, nnz: int | None) -> np.dtype:
+    """The one dtype of a CSR's ``indptr`` and ``indices``, as scipy chooses it: int32 when
+    the column count and the number of stored values fit (``nnz`` an upper bound; ``None``:
+    unknown), int64 for both otherwise. Mixed dtypes (int64 indptr beside int32 indices) are
+    what anndata reads back as they are and numba kernels refuse (scanpy 1.12's
+    ``sc.get.aggregate`` through fast-array-utils: "indptr and indices must have the same dtype")."""
+    fits = n_genes <= INT32_MAX and nnz is not None and nnz <= INT32_MAX
+    return np.dtype(np.int32 if fits else np.int64)
+
+
 __all__ = ["MatrixWriter", "open_writer"]
 
 log = logging.getLogger("bigcat")
@@ -128,6 +142,7 @@ class SparseZarrWriter(MatrixWriter):
         storage_options: dict | None = None,
         shard: int = SPARSE_SHARD,
         resume: bool = False,
+        nnz: int | None = None,
     ) -> None:
         import zarr
 
@@ -137,16 +152,20 @@ class SparseZarrWriter(MatrixWriter):
         self.path = path
         self.store = zarr_store(path, storage_options, read_only=False)
         self.shard = shard
-        index_dtype = np.dtype(np.int32 if self.n_genes < 2**31 else np.int64)
-        self.index_dtype = index_dtype
+        # an object store cannot rename an array, so the index dtype is fixed up front from the
+        # bound on the values (every cell × gene when the caller knows none)
+        index_dtype = csr_index_dtype(self.n_genes, self.n_cells * self.n_genes if nnz is None else nnz)
         self.row_nnz = np.zeros(self.n_cells, dtype=np.int64)
         if resume:  # the arrays are there: :meth:`resume` takes over
             self.root = zarr.open_group(self.store, mode="r+", zarr_format=3)
             self.group = self.root
             self.x = self.root["X"]
+            index_dtype = np.dtype(self.x["indices"].dtype)
+            self.index_dtype = index_dtype
             self.data = GrowingArray(self.x["data"], shard, self.dtype)
             self.indices = GrowingArray(self.x["indices"], shard, index_dtype)
             return
+        self.index_dtype = index_dtype
         self.root = zarr.open_group(self.store, mode="w-", zarr_format=3)
         self.group = self.root
         self.root.attrs[MARKER_KEY] = {**marker, "complete": False}
@@ -192,6 +211,9 @@ class SparseZarrWriter(MatrixWriter):
             checkpoints.save(rows, int(ends[rows - first - 1]), self.row_nnz[first:rows])
 
     def _write(self, block: sp.csr_matrix) -> None:
+        if self.index_dtype == np.int32 and self.nnz_written + block.nnz > INT32_MAX:
+            msg = f"{self.path}: more stored values than the bound the int32 indices were chosen for"
+            raise RuntimeError(msg)
         start = self.rows_written
         self.row_nnz[start : start + block.shape[0]] = np.diff(block.indptr)
         self.data.append(np.asarray(block.data, dtype=self.dtype))
@@ -219,12 +241,13 @@ class SparseZarrWriter(MatrixWriter):
         self.indices.close()
         indptr = np.zeros(self.n_cells + 1, dtype=np.int64)
         np.cumsum(self.row_nnz, out=indptr[1:])
+        indptr = indptr.astype(self.index_dtype, copy=False)  # the indices' dtype (the copy wrote no more)
         n = len(indptr)
         chunk = min(SPARSE_CHUNK, self.shard, max(n, 1))
         self.x.create_array(
             "indptr",
             shape=(n,),
-            dtype=np.int64,
+            dtype=self.index_dtype,
             chunks=(chunk,),
             shards=(max(chunk, min(self.shard, n)) // chunk * chunk,),
             compressors=sparse_compressors(),
@@ -337,7 +360,9 @@ class H5adWriter(MatrixWriter):
 
         super().__init__(len(obs), len(var), dtype)
         self.path = path
-        self.file = h5py.File(path, "w-")
+        # free-space tracking: the int32 indices given up when the values outgrow them (see
+        # :meth:`_widen`) are reused by what is written after
+        self.file = h5py.File(path, "w-", fs_strategy="fsm", fs_persist=False)
         self.group = self.file
         write_anndata_elements(self.file, obs, var, uns)
         x = self.file.create_group("X")
@@ -348,7 +373,8 @@ class H5adWriter(MatrixWriter):
                 "shape": np.array([self.n_cells, self.n_genes]),
             }
         )
-        index_dtype = np.int32 if self.n_genes < 2**31 else np.int64
+        # int32 (scipy's choice) until the values outgrow it; then indices become int64
+        index_dtype = csr_index_dtype(self.n_genes, 0)
         self.data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=self.dtype, chunks=(H5AD_CHUNK,))
         self.indices = x.create_dataset(
             "indices", shape=(0,), maxshape=(None,), dtype=index_dtype, chunks=(H5AD_CHUNK,)
@@ -358,15 +384,29 @@ class H5adWriter(MatrixWriter):
 
     def _write(self, block: sp.csr_matrix) -> None:
         start, n = self.nnz_written, block.nnz
+        if self.indices.dtype == np.int32 and start + n > INT32_MAX:
+            self._widen()
         self.row_nnz[self.rows_written : self.rows_written + block.shape[0]] = np.diff(block.indptr)
         for dataset, values in ((self.data, block.data), (self.indices, block.indices)):
             dataset.resize((start + n,))
             dataset[start : start + n] = values
 
+    def _widen(self) -> None:
+        """The values outgrow int32: copy the indices written so far into int64 ones."""
+        n = self.nnz_written
+        wide = self.x.create_dataset("indices.int64", shape=(n,), maxshape=(None,), dtype=np.int64,
+                                     chunks=(H5AD_CHUNK,))  # fmt: skip
+        step = 64 * H5AD_CHUNK
+        for lo in range(0, n, step):
+            wide[lo : min(lo + step, n)] = self.indices[lo : min(lo + step, n)]
+        del self.x["indices"]
+        self.x.move("indices.int64", "indices")
+        self.indices = self.x["indices"]
+
     def finish(self, marker: dict) -> None:
         indptr = np.zeros(self.n_cells + 1, dtype=np.int64)
         np.cumsum(self.row_nnz, out=indptr[1:])
-        self.x.create_dataset("indptr", data=indptr)
+        self.x.create_dataset("indptr", data=indptr.astype(self.indices.dtype, copy=False))
         # the mark of a file bigcat wrote (``--overwrite`` replaces only those); published by rename
         self.file.attrs[MARKER_KEY] = json.dumps({**marker, "complete": True}, default=str)
         self.file.close()
@@ -391,6 +431,7 @@ def open_writer(
     storage_options: dict | None = None,
     resume: bool | None = None,
     shard: int = SPARSE_SHARD,
+    nnz: int | None = None,
 ) -> Iterator[MatrixWriter]:
     """Open an output for a matrix written as row blocks; publish it atomically on success.
 
@@ -420,6 +461,11 @@ def open_writer(
         with the same settings. The writer's ``rows_written`` then says where to go on.
     shard
         Values per shard (file) of the sparse layout's ``data`` and ``indices``.
+    nnz
+        An upper bound on the values to be stored, if known: the sparse layout's ``indptr``
+        and ``indices`` are int32 when it (and the gene count) fit, int64 otherwise (unknown:
+        cells × genes). An ``.h5ad`` starts with int32 and widens both when the values
+        outgrow it. Either way ``indptr`` and ``indices`` share one dtype, as in scipy.
 
     Yields
     ------
@@ -467,7 +513,7 @@ def open_writer(
             writer = H5adWriter(tmp, obs, var, uns or {}, dtype)
         elif layout == "sparse":
             writer = SparseZarrWriter(
-                tmp, obs, var, uns or {}, dtype, marker, storage_options, shard=shard, resume=bool(state)
+                tmp, obs, var, uns or {}, dtype, marker, storage_options, shard=shard, resume=bool(state), nnz=nnz
             )
         else:
             writer = DenseZarrWriter(
