@@ -136,12 +136,12 @@ def _tally(a, b, g, fold, frac, th, dist, counts):
 
 
 @numba.njit(cache=True)
-def _census(a, b, universe, gene_ok, means, frac, th, n_valid, dist, picked):
+def _census(a, b, universe, gene_ok, means, frac, th, dist, picked):
     """Over the genes of ``universe`` (gene indices; empty: every gene with ``gene_ok``): how
-    many meet the thresholds exactly (distance² < ABSOLUTE), and the cut-off distance of the
-    approximate test (the smallest of the three weighted distances' n_valid-th smallest among
-    genes above the floors; +inf when fewer than n_valid genes are above the floors).
-    ``dist`` (3 × genes) and ``picked`` (genes) are scratch."""
+    many meet the thresholds exactly (distance² < ABSOLUTE), and how many are above the floors,
+    their three weighted distances in ``dist[:, :above]`` (3 × genes; ``picked`` is scratch).
+    The approximate test's cut-off is the smallest of the three distances' n_valid-th smallest
+    (+inf when fewer than n_valid genes are above the floors): see :func:`_within_cut`."""
     counts = np.zeros(2, dtype=np.int64)
     # below both of these a gene is under the fold floor and cannot meet the thresholds
     # exactly (its fold term alone is > ABSOLUTE): it changes neither count nor cut-off
@@ -162,47 +162,7 @@ def _census(a, b, universe, gene_ok, means, frac, th, n_valid, dist, picked):
             g = picked[i]
             if gene_ok[g]:
                 _tally(a, b, g, abs(row_a[g] - row_b[g]), frac, th, dist, counts)
-    absolute, above = counts[0], counts[1]
-    if above < n_valid or absolute >= n_valid:  # the cut-off is not needed (or is +inf)
-        return absolute, np.inf
-    cut = np.inf
-    for w in range(3):
-        cut = min(cut, _kth_smallest(dist[w, :above], n_valid - 1))
-    return absolute, cut
-
-
-@numba.njit(cache=True)
-def _kth_smallest(values, kth):
-    """The ``kth`` (from 0) smallest of ``values``, partitioning them in place (quickselect,
-    median-of-three pivots; no copy, unlike np.partition)."""
-    lo, hi = 0, len(values) - 1
-    while hi > lo:
-        mid = (lo + hi) // 2
-        # median of three into values[mid]
-        if values[mid] < values[lo]:
-            values[mid], values[lo] = values[lo], values[mid]
-        if values[hi] < values[lo]:
-            values[hi], values[lo] = values[lo], values[hi]
-        if values[hi] < values[mid]:
-            values[hi], values[mid] = values[mid], values[hi]
-        pivot = values[mid]
-        i, j = lo, hi
-        while i <= j:
-            while values[i] < pivot:
-                i += 1
-            while values[j] > pivot:
-                j -= 1
-            if i <= j:
-                values[i], values[j] = values[j], values[i]
-                i += 1
-                j -= 1
-        if kth <= j:
-            hi = j
-        elif kth >= i:
-            lo = i
-        else:
-            return values[kth]
-    return values[kth]
+    return counts[0], counts[1]
 
 
 @numba.njit(cache=True, inline="always")
@@ -322,14 +282,45 @@ def _census_matters(a, b, row, valid_p, gene_ok, means, frac, th):
 def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed, dist, picked):
     """``passed[i]``: candidate i has a valid p and passes the penetrance test over ``universe``;
     returns how many pass."""
-    absolute_only, cutoff = False, np.inf
-    if not exact and _census_matters(a, b, row, valid_p, gene_ok, means, frac, th):
-        absolute, cutoff = _census(a, b, universe, gene_ok, means, frac, th, n_valid, dist, picked)
+    absolute_only, cutoff, above = False, np.inf, 0
+    census = not exact and _census_matters(a, b, row, valid_p, gene_ok, means, frac, th)
+    if census:
+        absolute, above = _census(a, b, universe, gene_ok, means, frac, th, dist, picked)
         absolute_only = absolute >= n_valid
+        if above < n_valid:  # fewer genes than n_valid above the floors: the cut-off is +inf
+            census = False
     n = 0
     for i in range(len(row)):
         g = row[i]
-        ok = valid_p[i] and gene_ok[g] and _passes(a, b, g, means, frac, th, exact, absolute_only, cutoff)
+        ok = valid_p[i] and gene_ok[g]
+        if ok:
+            if census and not absolute_only:
+                ok = _within_cut(a, b, g, means, frac, th, dist, above, n_valid)
+            else:
+                ok = _passes(a, b, g, means, frac, th, exact, absolute_only, cutoff)
         passed[i] = ok
         n += ok
     return n
+
+
+@numba.njit(cache=True)
+def _within_cut(a, b, g, means, frac, th, dist, above, n_valid):
+    """The approximate test of one candidate: above the floors, and its smallest weighted
+    distance D at most the cut-off — min over the three distances of their n_valid-th
+    smallest — that is, for each distance fewer than n_valid genes strictly below D. Counting
+    needs one pass per distance where a selection needs several (same decision, same floats)."""
+    q1_th, qdiff_th, fold_th, q1_min, qdiff_min, fold_min = th[0], th[1], th[2], th[3], th[4], th[5]
+    fold = abs(means[a, g] - means[b, g])
+    q1, qdiff, q1_term, qdiff_term, fold_term = _terms(frac[a, g], frac[b, g], fold, q1_th, qdiff_th, fold_th)
+    if q1 < q1_min or qdiff < qdiff_min or fold < fold_min:
+        return False
+    d = min(1.5 * qdiff_term + q1_term + fold_term, qdiff_term + 1.5 * q1_term + fold_term,
+            qdiff_term + q1_term + 1.5 * fold_term)  # fmt: skip
+    for w in range(3):
+        below = 0
+        values = dist[w]
+        for j in range(above):
+            below += values[j] < d
+        if below >= n_valid:
+            return False
+    return True

@@ -140,17 +140,17 @@ def boring_t(p_th: float) -> float | None:
     """cell_type_mapper's ``boring_t_from_p_value``: |t| at or below it gets p = 1 (a normal
     quantile found by interpolation on a grid — reproduced, not improved, so the same genes
     count as tested)."""
-    from scipy import stats
+    from scipy.special import ndtr  # what scipy.stats.norm.cdf computes, without importing scipy.stats
 
     if p_th >= 1.0:
         return None
     gross_t = np.arange(-7, 0, 1)
-    gross_cdf = stats.norm.cdf(gross_t)
+    gross_cdf = ndtr(gross_t)
     idx = int(np.searchsorted(gross_cdf, 0.5 * p_th))
     if idx >= len(gross_t) - 1:
         return None
     fine_t = np.linspace(gross_t[idx - 1], gross_t[idx + 1], 1000)
-    return float(-np.interp(0.5 * p_th, stats.norm.cdf(fine_t), fine_t))
+    return float(-np.interp(0.5 * p_th, ndtr(fine_t), fine_t))
 
 
 def leaf_pairs(n_leaves: int) -> tuple[np.ndarray, np.ndarray]:
