@@ -298,3 +298,23 @@ def test_a_pair_index_written_otherwise_is_read_as_a_dict(atlas: dict, tmp_path)
     got = groups(query_markers(copy, tmp_path / "q.json", n_per_utility=4))
     assert got == groups(query_markers(atlas["ref"], tmp_path / "r.json", n_per_utility=4))
     assert got == restated_lookup(copy, 4)
+
+
+def test_reference_and_query_markers_on_s3(atlas: dict, s3, tmp_path) -> None:
+    """Statistics, reference markers and query markers all as s3:// URLs (a real S3 server on
+    127.0.0.1): the same files as on local disk."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3.options(), skip_instance_cache=True)
+    fs.put(str(atlas["stats"]), "bigcat-test/mmc/stats.h5")
+    options = s3.options()
+    ref = reference_markers("s3://bigcat-test/mmc/stats.h5", "s3://bigcat-test/mmc/reference_markers.h5",
+                            storage_options=options)  # fmt: skip
+    out = query_markers(ref, "s3://bigcat-test/mmc/query_markers.json", n_per_utility=5, storage_options=options)
+    fs.get("bigcat-test/mmc/reference_markers.h5", str(tmp_path / "ref.h5"))
+    fs.get(str(out).removeprefix("s3://"), str(tmp_path / "q.json"))
+    with h5py.File(tmp_path / "ref.h5") as remote, h5py.File(atlas["ref"]) as local:
+        for key in ("sparse_by_pair/up_gene_idx", "sparse_by_pair/down_gene_idx", "sparse_by_gene/up_pair_idx"):
+            np.testing.assert_array_equal(remote[key][()], local[key][()])
+        assert json.loads(remote["metadata"][()].decode())["precomputed_path"] == "s3://bigcat-test/mmc/stats.h5"
+    assert groups(tmp_path / "q.json") == restated_lookup(atlas["ref"], 5)
