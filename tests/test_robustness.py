@@ -126,6 +126,29 @@ def test_resume_refuses_a_changed_input_and_overwrite_starts_over(medium: Path, 
         bigcat.convert(source, tmp_path / "x.h5ad", resume=True, progress=False)
 
 
+def test_resume_refuses_int32_indices_the_values_outgrew(medium: Path, tmp_path: Path, monkeypatch) -> None:
+    """An interrupted store with int32 indices (all an older bigcat wrote) cannot take an input
+    whose values need int64 ones: indptr and indices share one dtype, so resuming is refused
+    (one clear error), and a fresh conversion writes int64 for both."""
+    import zarr
+
+    import bigcat._io.writers as writers
+
+    output = tmp_path / "out.zarr"
+    start_and_interrupt(medium, output, "sparse", signal.SIGKILL)
+    partial = tmp_path / f".{output.name}.bigcat-partial"
+    assert zarr.open_group(partial, mode="r")["X/indices"].dtype == np.int32
+    monkeypatch.setattr(writers, "INT32_MAX", 1000)  # as if the input had more values than int32 holds
+    with pytest.raises(BigcatInputError, match=r"stores int32 indices, but its [\d,]+ values need int64 ones"):
+        bigcat.convert(medium, output, shard_values=SHARD, progress=False, resume=True)
+    bigcat.convert(medium, output, shard_values=SHARD, progress=False, overwrite=True)
+    x = zarr.open_group(output, mode="r")["X"]
+    assert x["indptr"].dtype == x["indices"].dtype == np.int64
+    got, want = ad.read_zarr(output).X, ad.read_h5ad(medium).X
+    assert got.indptr.dtype == got.indices.dtype == np.int64
+    assert (got != want).nnz == 0
+
+
 # ------------------------------------------------------------------------------------------
 # bad inputs: one line naming the file and the problem, exit code 2 (1 for runtime failures)
 # ------------------------------------------------------------------------------------------

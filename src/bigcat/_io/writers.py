@@ -161,6 +161,11 @@ class SparseZarrWriter(MatrixWriter):
             self.group = self.root
             self.x = self.root["X"]
             index_dtype = np.dtype(self.x["indices"].dtype)
+            if nnz is not None and csr_index_dtype(self.n_genes, nnz) == np.int64 and index_dtype != np.int64:
+                # an interrupted conversion by a version that wrote int32 indices beside int64 indptr
+                msg = (f"{path}: the interrupted conversion stores int32 indices, but its {nnz:,} values need "
+                       "int64 ones (indptr and indices share one dtype); convert again without --resume")  # fmt: skip
+                raise BigcatInputError(msg)
             self.index_dtype = index_dtype
             self.data = GrowingArray(self.x["data"], shard, self.dtype)
             self.indices = GrowingArray(self.x["indices"], shard, index_dtype)
