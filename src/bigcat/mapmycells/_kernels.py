@@ -20,7 +20,7 @@ import numpy as np
 
 from bigcat.de.kernels import mmc_nu
 
-__all__ = ["N_VALID_MIN", "pending", "pvalues", "safe_table", "select", "signed_t_and_nu"]
+__all__ = ["N_VALID_MIN", "expressed_lists", "pending", "pvalues", "safe_table", "select", "signed_t_and_nu"]
 
 #: cell_type_mapper retries the approximate penetrance test among the p-valid genes when fewer
 #: than this many genes pass (``score_differential_genes``' ``n_valid_min``)
@@ -136,7 +136,7 @@ def _tally(a, b, g, fold, frac, th, dist, counts):
 
 
 @numba.njit(cache=True)
-def _census(a, b, universe, gene_ok, means, frac, th, dist, picked):
+def _census(a, b, universe, gene_ok, means, frac, th, dist, picked, lists_ptr, lists_idx):
     """Over the genes of ``universe`` (gene indices; empty: every gene with ``gene_ok``): how
     many meet the thresholds exactly (distance² < ABSOLUTE), and how many are above the floors,
     their three weighted distances in ``dist[:, :above]`` (3 × genes; ``picked`` is scratch).
@@ -151,18 +151,48 @@ def _census(a, b, universe, gene_ok, means, frac, th, dist, picked):
             fold = abs(means[a, g] - means[b, g])
             if fold >= skip:
                 _tally(a, b, g, fold, frac, th, dist, counts)
-    else:  # every gene: the fold filter first, compacting the genes through it without a branch
-        n_genes = means.shape[1]
-        row_a, row_b = means[a], means[b]
+    else:
+        # every gene — but one that neither leaf has in at least q1_min of its cells (q1 below
+        # the floor and below q1_th) changes nothing either: only the genes of either leaf's
+        # list (:func:`expressed_lists`) are visited, each once, the fold filter first
+        row_a, row_b, frac_a = means[a], means[b], frac[a]
+        q1_skip = min(th[3], th[0] - 2.0e-5)
         through = 0
-        for g in range(n_genes):
+        for e in range(lists_ptr[a], lists_ptr[a + 1]):
+            g = lists_idx[e]
             picked[through] = g
             through += abs(row_a[g] - row_b[g]) >= skip
+        for e in range(lists_ptr[b], lists_ptr[b + 1]):
+            g = lists_idx[e]
+            picked[through] = g
+            through += (frac_a[g] < q1_skip) & (abs(row_a[g] - row_b[g]) >= skip)
         for i in range(through):
             g = picked[i]
             if gene_ok[g]:
                 _tally(a, b, g, abs(row_a[g] - row_b[g]), frac, th, dist, counts)
     return counts[0], counts[1]
+
+
+@numba.njit(cache=True)
+def expressed_lists(frac, th):
+    """Per leaf, the genes (ascending) in at least ``min(q1_min_th, q1_th)`` of its cells (as the
+    census compares them): a gene in neither leaf's list has q1 below the floor."""
+    q1_skip = min(th[3], th[0] - 2.0e-5)
+    n_leaves, n_genes = frac.shape
+    ptr = np.zeros(n_leaves + 1, dtype=np.int64)
+    for a in range(n_leaves):
+        count = 0
+        for g in range(n_genes):
+            count += frac[a, g] >= q1_skip
+        ptr[a + 1] = ptr[a] + count
+    idx = np.empty(ptr[n_leaves], dtype=np.int32)
+    for a in range(n_leaves):
+        at = ptr[a]
+        for g in range(n_genes):
+            if frac[a, g] >= q1_skip:
+                idx[at] = g
+                at += 1
+    return ptr, idx
 
 
 @numba.njit(cache=True, inline="always")
@@ -186,7 +216,7 @@ def _passes(a, b, g, means, frac, th, exact, absolute_only, cutoff):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def select(found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact, n_valid, up_count,
-           down_count):  # fmt: skip
+           down_count, lists_ptr, lists_idx):  # fmt: skip
     """Per pair ``k``: its markers, written over row ``k`` of ``genes`` (up genes — higher in
     the second cluster, as cell_type_mapper's ``up_mask`` — then down genes, each in gene
     order), with ``up_count[k]`` and ``down_count[k]``.
@@ -202,12 +232,12 @@ def select(found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_t
         dist, picked = np.empty((3, n_genes)), np.empty(n_genes, dtype=np.int64)
         for k in range(task * PAIRS_PER_TASK, min((task + 1) * PAIRS_PER_TASK, len(found))):
             _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact,
-                         n_valid, up_count, down_count, dist, picked)  # fmt: skip
+                         n_valid, up_count, down_count, dist, picked, lists_ptr, lists_idx)  # fmt: skip
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact, n_valid,
-                 up_count, down_count, dist, picked):  # fmt: skip
+                 up_count, down_count, dist, picked, lists_ptr, lists_idx):  # fmt: skip
     """:func:`select` for pair ``k``."""
     a, b = p1[k], p2[k]
     count = found[k]
@@ -236,7 +266,7 @@ def _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gen
     passed = np.zeros(count, dtype=np.bool_)
     everything = np.empty(0, dtype=np.int64)
     n_passed = _penetrance(a, b, row, valid_p, everything, gene_ok, means, frac, th, exact, n_valid, passed,
-                           dist, picked)  # fmt: skip
+                           dist, picked, lists_ptr, lists_idx)  # fmt: skip
     if not exact and n_passed < N_VALID_MIN:  # once more, among the genes with a valid p
         universe = np.empty(count, dtype=np.int64)
         n_universe = 0
@@ -245,7 +275,7 @@ def _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gen
                 universe[n_universe] = row[i]
                 n_universe += 1
         _penetrance(a, b, row, valid_p, universe[:n_universe], gene_ok, means, frac, th, exact, n_valid, passed,
-                    dist, picked)  # fmt: skip
+                    dist, picked, lists_ptr, lists_idx)  # fmt: skip
     at = 0
     for second in (True, False):
         for i in range(count):
@@ -279,13 +309,14 @@ def _census_matters(a, b, row, valid_p, gene_ok, means, frac, th):
 
 
 @numba.njit(cache=True)
-def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed, dist, picked):
+def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed, dist, picked,
+                lists_ptr, lists_idx):  # fmt: skip
     """``passed[i]``: candidate i has a valid p and passes the penetrance test over ``universe``;
     returns how many pass."""
     absolute_only, cutoff, above = False, np.inf, 0
     census = not exact and _census_matters(a, b, row, valid_p, gene_ok, means, frac, th)
     if census:
-        absolute, above = _census(a, b, universe, gene_ok, means, frac, th, dist, picked)
+        absolute, above = _census(a, b, universe, gene_ok, means, frac, th, dist, picked, lists_ptr, lists_idx)
         absolute_only = absolute >= n_valid
         if above < n_valid:  # fewer genes than n_valid above the floors: the cut-off is +inf
             census = False

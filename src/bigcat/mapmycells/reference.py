@@ -264,6 +264,7 @@ def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds,
     n_valid = min(th.n_valid, len(data.genes))
     # ν ≤ n₁ + n₂ − 2: the table reaches the two largest leaves
     safe = _kernels.safe_table(th.p_th / len(data.genes), float(2 * data.n_cells.max(initial=2)))
+    lists = _kernels.expressed_lists(data.frac, th.array)
 
     def select(c1: np.ndarray, c2: np.ndarray, rows: Any, found: np.ndarray, m: np.ndarray) -> tuple:
         # p = 0 for the genes certainly below p_th/m; the others' signed t (in stats) and ν (in
@@ -274,7 +275,7 @@ def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds,
         rows.pvals[at_row, at_col] = _kernels.pvalues(t, nu)
         up, down = np.zeros(len(c1), dtype=np.int64), np.zeros(len(c1), dtype=np.int64)
         _kernels.select(found, rows.genes, rows.pvals, m, c1, c2, data.n_cells, data.means, data.frac, gene_ok,
-                        th.p_th, th.array, th.exact_penetrance, n_valid, up, down)  # fmt: skip
+                        th.p_th, th.array, th.exact_penetrance, n_valid, up, down, *lists)  # fmt: skip
         width = int((up + down).max(initial=0))
         cols = np.arange(width)[None, :]
         block = rows.genes[:, :width]
