@@ -14,6 +14,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from bigcat._io.layout import bigcat_version
+
 __all__ = ["choose_int_dtype", "pair_to_idx_json", "write_reference_markers"]
 
 #: bytes of pair indices held at once while transposing markers by pair into markers by gene
@@ -116,16 +118,10 @@ def write_reference_markers(
                 metadata = {
                     "config": config, "precomputed_path": config["precomputed_path"],
                     "log": [f"markers of {n_pairs:,} pairs found in {found_in:.1f} s"],
-                    "duration": time.time() - started, "written_by": "bigcat", "bigcat_version": _version(),
+                    "duration": time.time() - started, "written_by": "bigcat", "bigcat_version": bigcat_version(),
                 }  # fmt: skip
                 f.create_dataset("metadata", data=json.dumps(metadata).encode())
     return target
-
-
-def _version() -> str:
-    from importlib.metadata import version
-
-    return version("bigcat")
 
 
 def _chunks(n: int) -> tuple[int] | None:

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from bigcat._io.layout import bigcat_version
 from bigcat.errors import BigcatInputError
-from bigcat.mapmycells.reference import INVALID_PREFIX
+from bigcat.mapmycells.reference import INVALID_PREFIX, absolute, open_h5
 
 __all__ = ["ReferenceMarkers", "parent_pairs", "query_markers", "read_reference_markers"]
 
@@ -38,16 +39,6 @@ class ReferenceMarkers:
     down_idx: np.ndarray
     pair_index: Any  # None: combinations order of the sorted leaves; else {leaf: {leaf: index}}
     metadata: dict
-
-
-def _h5(handle: Any, source: str) -> Any:
-    import h5py
-
-    try:
-        return h5py.File(handle, "r")
-    except OSError:
-        msg = f"{source}: not an HDF5 file (a reference_markers.h5 is expected)"
-        raise BigcatInputError(msg) from None
 
 
 def _stats_path(source: str, metadata: dict, stats: str | os.PathLike | None, storage_options: dict | None) -> str:
@@ -85,7 +76,7 @@ def read_reference_markers(
     if not fs.is_url(path) and not Path(path).is_file():
         msg = f"{source}: no such file"
         raise BigcatInputError(msg)
-    with fs.open_file(path, storage_options) as handle, _h5(handle, source) as f:
+    with fs.open_file(path, storage_options) as handle, open_h5(handle, source, "reference_markers.h5") as f:
         need = ["gene_names", "pair_to_idx", "n_pairs", "metadata"] + [
             f"sparse_by_pair/{d}_{k}" for d in ("up", "down") for k in ("pair_idx", "gene_idx")
         ]
@@ -102,7 +93,7 @@ def read_reference_markers(
             f"{d}_{k}": f[f"sparse_by_pair/{d}_{k}"][()] for d in ("up", "down") for k in ("pair_idx", "gene_idx")
         }
     stats_path = _stats_path(source, metadata, stats, storage_options)
-    with fs.open_file(stats_path, storage_options) as handle, _h5(handle, stats_path) as f:
+    with fs.open_file(stats_path, storage_options) as handle, open_h5(handle, stats_path) as f:
         if "taxonomy_tree" not in f:
             msg = f"{stats_path}: no taxonomy_tree (a precomputed_stats.h5 is expected)"
             raise BigcatInputError(msg)
@@ -376,27 +367,15 @@ def query_markers(
                 summary[group] = info
             bar.update(1)
     config = {
-        "reference_marker_path_list": [_absolute(reference_markers)], "n_per_utility": n_per_utility,
+        "reference_marker_path_list": [absolute(reference_markers)], "n_per_utility": n_per_utility,
         "n_per_utility_override": overrides or None, "genes_at_a_time": genes_at_a_time, "drop_level": drop_level,
         "query_genes": None if genes is None else len(kept),
     }  # fmt: skip
     lookup["log"] = summary
     lookup["metadata"] = {"config": config, "duration": time.time() - started, "written_by": "bigcat",
-                          "bigcat_version": _version()}  # fmt: skip
+                          "bigcat_version": bigcat_version()}  # fmt: skip
     target = fs.path_of(out)
     with publish(target, overwrite=overwrite, storage_options=storage_options, kind="file") as tmp:
         Path(tmp).write_text(json.dumps(lookup, indent=2))
     log.info("query markers for %d parents in %.1f s", len(parents), time.time() - started)
     return target
-
-
-def _absolute(path: str | os.PathLike) -> str:
-    from bigcat._io import fs
-
-    return str(path) if fs.is_url(path) else str(Path(path).resolve())
-
-
-def _version() -> str:
-    from importlib.metadata import version
-
-    return version("bigcat")

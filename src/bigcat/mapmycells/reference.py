@@ -43,13 +43,14 @@ class MarkerInput:
     frac: np.ndarray
 
 
-def _h5(handle: Any, source: str) -> Any:
+def open_h5(handle: Any, source: str, expected: str = "precomputed_stats.h5") -> Any:
+    """An HDF5 file opened for reading, or one line saying ``source`` is not one."""
     import h5py
 
     try:
         return h5py.File(handle, "r")
     except OSError:
-        msg = f"{source}: not an HDF5 file (a precomputed_stats.h5 is expected)"
+        msg = f"{source}: not an HDF5 file (a {expected} is expected)"
         raise BigcatInputError(msg) from None
 
 
@@ -61,7 +62,7 @@ def read_marker_input(path: str | os.PathLike, storage_options: dict | None = No
     if not fs.is_url(path) and not Path(path).is_file():
         msg = f"{source}: no such file"
         raise BigcatInputError(msg)
-    with fs.open_file(path, storage_options) as handle, _h5(handle, source) as f:
+    with fs.open_file(path, storage_options) as handle, open_h5(handle, source) as f:
         missing = [k for k in ("n_cells", "sum", "sumsq", "ge1", "col_names", "cluster_to_row", "taxonomy_tree")
                    if k not in f]  # fmt: skip
         if missing:
@@ -225,7 +226,7 @@ def reference_markers(
     from bigcat.mapmycells._writer import write_reference_markers
 
     config = {
-        "precomputed_path": _absolute(stats), "p_th": p_th, "q1_th": q1_th, "q1_min_th": q1_min_th,
+        "precomputed_path": absolute(stats), "p_th": p_th, "q1_th": q1_th, "q1_min_th": q1_min_th,
         "qdiff_th": qdiff_th, "qdiff_min_th": qdiff_min_th, "log2_fold_th": log2_fold_th,
         "log2_fold_min_th": log2_fold_min_th, "n_valid": int(n_valid), "exact_penetrance": bool(exact_penetrance),
         "query_genes": None if genes is None else len(gene_ok.nonzero()[0]),
@@ -235,7 +236,8 @@ def reference_markers(
                                    storage_options=storage_options)  # fmt: skip
 
 
-def _absolute(path: str | os.PathLike) -> str:
+def absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute (what cell_type_mapper records); a URL as it is."""
     from bigcat._io import fs
 
     return str(path) if fs.is_url(path) else str(Path(path).resolve())
