@@ -14,45 +14,39 @@ import numpy as np
 __all__ = ["desperate", "gather", "refresh", "step", "transpose"]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _kept(ptr, idx, p, gene_of, out, at, utility):
+    """Pair ``p``'s markers of one direction that ``gene_of`` keeps: counted (``out`` empty) or
+    copied to ``out[at:]`` with their utility counted. Returns the next free slot."""
+    for e in range(ptr[p], ptr[p + 1]):
+        g = gene_of[idx[e]]
+        if g >= 0:
+            if len(out):
+                out[at] = g
+                utility[g] += 1
+            at += 1
+    return at
+
+
 @numba.njit(cache=True, nogil=True)
 def gather(pairs, up_ptr, up_idx, dn_ptr, dn_idx, gene_of, n_genes):
     """The parent's marker lists (genes renumbered by ``gene_of``, −1 = dropped), their census
     ``(P, 2)`` (down, up) and each gene's utility (how many (pair, sign) it is a marker of)."""
     n = len(pairs)
     census = np.zeros((n, 2), dtype=np.int64)
+    utility = np.zeros(n_genes, dtype=np.int64)
+    nothing = np.empty(0, dtype=np.int32)
     for k in range(n):
-        p = pairs[k]
-        c_dn = 0
-        for e in range(dn_ptr[p], dn_ptr[p + 1]):
-            if gene_of[dn_idx[e]] >= 0:
-                c_dn += 1
-        c_up = 0
-        for e in range(up_ptr[p], up_ptr[p + 1]):
-            if gene_of[up_idx[e]] >= 0:
-                c_up += 1
-        census[k, 0] = c_dn
-        census[k, 1] = c_up
+        census[k, 0] = _kept(dn_ptr, dn_idx, pairs[k], gene_of, nothing, 0, utility)
+        census[k, 1] = _kept(up_ptr, up_idx, pairs[k], gene_of, nothing, 0, utility)
     ptr = np.zeros(2 * n + 1, dtype=np.int64)
     for k in range(n):
         ptr[2 * k + 1] = ptr[2 * k] + census[k, 0]
         ptr[2 * k + 2] = ptr[2 * k + 1] + census[k, 1]
     genes = np.empty(ptr[2 * n], dtype=np.int32)
-    utility = np.zeros(n_genes, dtype=np.int64)
     for k in range(n):
-        p = pairs[k]
-        at = ptr[2 * k]
-        for e in range(dn_ptr[p], dn_ptr[p + 1]):
-            g = gene_of[dn_idx[e]]
-            if g >= 0:
-                genes[at] = g
-                utility[g] += 1
-                at += 1
-        for e in range(up_ptr[p], up_ptr[p + 1]):
-            g = gene_of[up_idx[e]]
-            if g >= 0:
-                genes[at] = g
-                utility[g] += 1
-                at += 1
+        at = _kept(dn_ptr, dn_idx, pairs[k], gene_of, genes, ptr[2 * k], utility)
+        _kept(up_ptr, up_idx, pairs[k], gene_of, genes, at, utility)
     return census, ptr, genes, utility
 
 
