@@ -62,6 +62,7 @@ class Prepared:
     squeezed: Squeezed | None
     table: PTable | None = None
     holm: np.ndarray | None = None  # holm_bounds, made by the first chunk
+    narrow: tuple[np.ndarray, np.ndarray] | None = None  # MMC_WELCH: means and spread in float32
 
 
 def prepare(data: DEInput, method: str, p1: np.ndarray, p2: np.ndarray) -> Prepared:
@@ -315,6 +316,10 @@ def _scan(
     found = np.zeros(len(c1), dtype=np.int64)
     m = np.zeros(len(c1), dtype=np.int64)
     holm = prepared.holm if prepared.holm is not None else np.empty(0)
+    if prepared.narrow is not None:
+        kernels.scan_welch(data.means, prepared.spread, *prepared.narrow, c1, c2, crit, holm, rows.genes,
+                           rows.stats, rows.dfs, found, m)  # fmt: skip
+        return found, m
     kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, holm,
                  rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
     return found, m
@@ -365,7 +370,9 @@ class MarkerRun:
     def __init__(self, data: Any, p_th: float, boring: float | None, pairs_per_chunk: int | None = None) -> None:
         self.data = data
         n_genes = data.means.shape[1]
-        self.prepared = Prepared(kernels.MMC_WELCH, data.var_n, np.zeros((1, 1)), 0.0, None)
+        # float32 copies for the scan's pre-filter (each half the size of its float64 array)
+        narrow = (data.means.astype(np.float32), data.var_n.astype(np.float32))
+        self.prepared = Prepared(kernels.MMC_WELCH, data.var_n, np.zeros((1, 1)), 0.0, None, narrow=narrow)
         j = np.arange(1, n_genes + 1, dtype=np.float64)
         bound = np.empty(n_genes + 1)
         bound[0] = np.inf

@@ -1,6 +1,6 @@
 """Compiled kernels of MapMyCells' reference-marker test on the all-pairs DE engine.
 
-The engine's scan (:func:`bigcat.de.kernels.scan` with ``MMC_WELCH``) computes cell_type_mapper's
+The engine's scan (:func:`bigcat.de.kernels.scan_welch`, method ``MMC_WELCH``) computes cell_type_mapper's
 Welch statistic for every gene of a pair and keeps the genes whose p-value can be below
 ``p_th``; :func:`bigcat.de.kernels.tighten` cuts them down to those Holm can still select. Here:
 their exact p-values (:func:`pvalues`: scipy's own Student t CDF and cell_type_mapper's clipping
@@ -227,55 +227,74 @@ def select(found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_t
     """
     n_tasks = (len(found) + PAIRS_PER_TASK - 1) // PAIRS_PER_TASK
     n_genes = means.shape[1]
+    width = genes.shape[1]
     for task in numba.prange(n_tasks):
-        # the census' scratch, once per task: fresh arrays per pair cost page faults each time
+        # every scratch array once per task: allocations per pair cost more than the pair's work
         dist, picked = np.empty((3, n_genes)), np.empty(n_genes, dtype=np.int64)
+        row, universe, sorted_p = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.int64), np.empty(width)
+        valid_p, passed = np.empty(width, dtype=np.bool_), np.empty(width, dtype=np.bool_)
         for k in range(task * PAIRS_PER_TASK, min((task + 1) * PAIRS_PER_TASK, len(found))):
             _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact,
-                         n_valid, up_count, down_count, dist, picked, lists_ptr, lists_idx)  # fmt: skip
+                         n_valid, up_count, down_count, dist, picked, lists_ptr, lists_idx, row, universe, sorted_p,
+                         valid_p, passed)  # fmt: skip
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _holm_valid(p, count, m, p_th, sorted_p, valid_p):
+    """``valid_p[i]``: candidate i passes Holm over m genes (the others, not among the
+    candidates, have p ≥ p_th). The genes marked p = 0 (certainly below p_th/m) all pass; the
+    others in order of p. Equal p share Holm's running maximum, so the decision is p < p*, p* the
+    p of the first that fails: one in-place sort of the p-values, no ranks."""
+    n_sure, n_rest = 0, 0
+    for i in range(count):
+        if p[i] == 0.0:
+            n_sure += 1
+        else:
+            sorted_p[n_rest] = p[i]
+            n_rest += 1
+    rest = sorted_p[:n_rest]
+    rest.sort()
+    cut = np.inf
+    running = 0.0
+    for i in range(n_rest):
+        running = max(running, rest[i] * (m - n_sure - i))
+        if not min(running, 1.0) < p_th:
+            cut = rest[i]
+            break
+    any_valid = False
+    for i in range(count):
+        valid_p[i] = p[i] == 0.0 or p[i] < cut
+        any_valid |= valid_p[i]
+    return any_valid
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _select_pair(k, found, genes, pvals, m_of, p1, p2, n_cells, means, frac, gene_ok, p_th, th, exact, n_valid,
-                 up_count, down_count, dist, picked, lists_ptr, lists_idx):  # fmt: skip
-    """:func:`select` for pair ``k``."""
+                 up_count, down_count, dist, picked, lists_ptr, lists_idx, row_space, universe_space, sorted_p,
+                 valid_space, passed_space):  # fmt: skip
+    """:func:`select` for pair ``k`` (the last five: the task's scratch)."""
     a, b = p1[k], p2[k]
     count = found[k]
     up_count[k] = 0
     down_count[k] = 0
     if count == 0 or n_cells[a] < N_CELLS_MIN or n_cells[b] < N_CELLS_MIN:
         return
-    row = genes[k, :count].copy()
-    p = pvals[k, :count]
-    # Holm over the candidates (every gene with p < p_th; the rest are padding in m): the
-    # genes marked p = 0 (certainly below p_th/m) come first and all pass; the others in order
-    valid_p = p == 0.0
-    n_sure = 0
+    row, valid_p, passed = row_space[:count], valid_space[:count], passed_space[:count]
     for i in range(count):
-        n_sure += valid_p[i]
-    rest = np.flatnonzero(~valid_p)
-    order = rest[np.argsort(p[rest])]
-    running = 0.0
-    m = m_of[k]
-    for i in range(len(order)):
-        j = order[i]
-        running = max(running, p[j] * (m - n_sure - i))
-        valid_p[j] = min(running, 1.0) < p_th
-    if not valid_p.any():
+        row[i] = genes[k, i]
+    if not _holm_valid(pvals[k], count, m_of[k], p_th, sorted_p, valid_p):
         return
-    passed = np.zeros(count, dtype=np.bool_)
-    everything = np.empty(0, dtype=np.int64)
+    everything = universe_space[:0]
     n_passed = _penetrance(a, b, row, valid_p, everything, gene_ok, means, frac, th, exact, n_valid, passed,
-                           dist, picked, lists_ptr, lists_idx)  # fmt: skip
+                           dist, picked, lists_ptr, lists_idx, sorted_p)  # fmt: skip
     if not exact and n_passed < N_VALID_MIN:  # once more, among the genes with a valid p
-        universe = np.empty(count, dtype=np.int64)
         n_universe = 0
         for i in range(count):
             if valid_p[i] and gene_ok[row[i]]:
-                universe[n_universe] = row[i]
+                universe_space[n_universe] = row[i]
                 n_universe += 1
-        _penetrance(a, b, row, valid_p, universe[:n_universe], gene_ok, means, frac, th, exact, n_valid, passed,
-                    dist, picked, lists_ptr, lists_idx)  # fmt: skip
+        _penetrance(a, b, row, valid_p, universe_space[:n_universe], gene_ok, means, frac, th, exact, n_valid,
+                    passed, dist, picked, lists_ptr, lists_idx, sorted_p)  # fmt: skip
     at = 0
     for second in (True, False):
         for i in range(count):
@@ -310,9 +329,9 @@ def _census_matters(a, b, row, valid_p, gene_ok, means, frac, th):
 
 @numba.njit(cache=True)
 def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n_valid, passed, dist, picked,
-                lists_ptr, lists_idx):  # fmt: skip
+                lists_ptr, lists_idx, nearest):  # fmt: skip
     """``passed[i]``: candidate i has a valid p and passes the penetrance test over ``universe``;
-    returns how many pass."""
+    returns how many pass. ``nearest`` is scratch (as long as ``row``)."""
     absolute_only, cutoff, above = False, np.inf, 0
     census = not exact and _census_matters(a, b, row, valid_p, gene_ok, means, frac, th)
     if census:
@@ -320,38 +339,66 @@ def _penetrance(a, b, row, valid_p, universe, gene_ok, means, frac, th, exact, n
         absolute_only = absolute >= n_valid
         if above < n_valid:  # fewer genes than n_valid above the floors: the cut-off is +inf
             census = False
+    if census and not absolute_only:
+        # the approximate test: above the floors, and the smallest weighted distance D at most the
+        # cut-off. Passing is monotone in D, so the largest passing D among the candidates is
+        # found by bisection over their sorted D, each probe one count (:func:`_within_cut`)
+        cutoff = _largest_within(a, b, row, valid_p, gene_ok, means, frac, th, dist, above, n_valid, nearest)
     n = 0
     for i in range(len(row)):
         g = row[i]
-        ok = valid_p[i] and gene_ok[g]
-        if ok:
-            if census and not absolute_only:
-                ok = _within_cut(a, b, g, means, frac, th, dist, above, n_valid)
-            else:
-                ok = _passes(a, b, g, means, frac, th, exact, absolute_only, cutoff)
+        ok = valid_p[i] and gene_ok[g] and _passes(a, b, g, means, frac, th, exact, absolute_only, cutoff)
         passed[i] = ok
         n += ok
     return n
 
 
 @numba.njit(cache=True)
-def _within_cut(a, b, g, means, frac, th, dist, above, n_valid):
-    """The approximate test of one candidate: above the floors, and its smallest weighted
-    distance D at most the cut-off — min over the three distances of their n_valid-th
-    smallest — that is, for each distance fewer than n_valid genes strictly below D. Counting
-    needs one pass per distance where a selection needs several (same decision, same floats)."""
+def _nearest(a, b, g, means, frac, th):
+    """The candidate's smallest weighted distance, or +inf when it is below a floor."""
     q1_th, qdiff_th, fold_th, q1_min, qdiff_min, fold_min = th[0], th[1], th[2], th[3], th[4], th[5]
     fold = abs(means[a, g] - means[b, g])
     q1, qdiff, q1_term, qdiff_term, fold_term = _terms(frac[a, g], frac[b, g], fold, q1_th, qdiff_th, fold_th)
     if q1 < q1_min or qdiff < qdiff_min or fold < fold_min:
-        return False
-    d = min(1.5 * qdiff_term + q1_term + fold_term, qdiff_term + 1.5 * q1_term + fold_term,
-            qdiff_term + q1_term + 1.5 * fold_term)  # fmt: skip
+        return np.inf
+    return min(1.5 * qdiff_term + q1_term + fold_term, qdiff_term + 1.5 * q1_term + fold_term,
+               qdiff_term + q1_term + 1.5 * fold_term)  # fmt: skip
+
+
+@numba.njit(cache=True)
+def _largest_within(a, b, row, valid_p, gene_ok, means, frac, th, dist, above, n_valid, nearest):
+    """The largest D (smallest weighted distance) among the candidates that is within the
+    cut-off (-inf when none is): used as the cut-off itself, it passes the same candidates."""
+    n = 0
+    for i in range(len(row)):
+        g = row[i]
+        if valid_p[i] and gene_ok[g]:
+            d = _nearest(a, b, g, means, frac, th)
+            if d < np.inf:
+                nearest[n] = d
+                n += 1
+    values = nearest[:n]
+    values.sort()
+    lo, hi = 0, n  # values[:lo] are within, values[hi:] are not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _within_cut(values[mid], dist, above, n_valid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return values[lo - 1] if lo > 0 else -np.inf
+
+
+@numba.njit(cache=True)
+def _within_cut(d, dist, above, n_valid):
+    """Whether D = ``d`` is at most the cut-off — min over the three distances of their
+    n_valid-th smallest — that is, for each distance fewer than n_valid genes strictly below
+    D. Counting needs one pass per distance where a selection needs several (same decision,
+    same floats)."""
     for w in range(3):
         below = 0
-        values = dist[w]
         for j in range(above):
-            below += values[j] < d
+            below += dist[w, j] < d
         if below >= n_valid:
             return False
     return True
