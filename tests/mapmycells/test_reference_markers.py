@@ -244,12 +244,31 @@ def test_cli_and_bad_input(tmp_path, capsys) -> None:
     assert not (tmp_path / "y.h5").exists()
 
 
-def test_pairs_with_more_candidates_than_a_row_holds(tmp_path, monkeypatch) -> None:
-    """Pairs whose candidates overflow the rows are scanned again in parts that fit (forced)."""
+@pytest.mark.parametrize("seed", [2, 3])
+def test_pairs_run_tile_by_tile_and_come_back_in_order(tmp_path, monkeypatch, seed) -> None:
+    """A chunk's pairs run in tile order (tiles of 2 leaves here, so the order changes) and the
+    file holds them in pair order."""
     import bigcat.de.engine
 
-    monkeypatch.setattr(bigcat.de.engine, "CANDIDATE_BUDGET", 6)
-    monkeypatch.setattr(bigcat.de.engine, "MIN_ROW", 2)
+    monkeypatch.setattr(bigcat.de.engine, "TILE", 2)
+    orders = []
+    real = np.lexsort
+    monkeypatch.setattr(bigcat.de.engine.np, "lexsort", lambda keys: orders.append(real(keys)) or orders[-1])
+    st = threshold_stats(seed)
+    write_precomputed(tmp_path / "stats.h5", st)
+    got, _ = read_markers(reference_markers(tmp_path / "stats.h5", tmp_path / "ref.h5"))
+    assert got == restated(st["n"], st["sums"], st["sumsq"], st["ge1"], np.ones(90, bool), TH)
+    assert any(not np.array_equal(o, np.arange(len(o))) for o in orders)
+
+
+def test_pairs_with_more_candidates_than_a_row_holds(tmp_path, monkeypatch) -> None:
+    """Pairs whose candidates overflow the rows are scanned again in parts that fit (forced),
+    and put back among the others in pair order."""
+    import bigcat.de.engine
+
+    monkeypatch.setattr(bigcat.de.engine, "CANDIDATE_BUDGET", 100)
+    monkeypatch.setattr(bigcat.de.engine, "MARKER_ROW", 40)
+    monkeypatch.setattr(bigcat.de.engine, "TILE", 2)
     ranges = []
     real = bigcat.de.engine._fitting_ranges
     monkeypatch.setattr(bigcat.de.engine, "_fitting_ranges", lambda *a: ranges.append(real(*a)) or ranges[-1])

@@ -9,7 +9,16 @@
 - :mod:`~bigcat.de.merge`: :func:`merge_clusters` (scrattch's ``merge_cl``).
 """
 
-from bigcat.de.api import DEResult, de_pairs
-from bigcat.de.merge import MergeResult, merge_clusters
+from typing import TYPE_CHECKING
+
+from bigcat._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from bigcat.de.api import DEResult, de_pairs
+    from bigcat.de.merge import MergeResult, merge_clusters
+
+# imported on first use: the engine alone (MapMyCells' markers) needs neither pandas nor the API
+__getattr__, __dir__ = lazy_exports(__name__, {"bigcat.de.api": ["DEResult", "de_pairs"],
+                                               "bigcat.de.merge": ["MergeResult", "merge_clusters"]})  # fmt: skip
 
 __all__ = ["DEResult", "MergeResult", "de_pairs", "merge_clusters"]

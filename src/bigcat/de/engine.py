@@ -6,15 +6,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from scipy import special
 
 from bigcat.de import kernels
 from bigcat.de.inputs import DEInput
 from bigcat.de.limma import Squeezed, squeeze_var
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["METHODS", "MarkerRun", "Thresholds", "prepare", "run_chunks"]
 
@@ -326,6 +328,8 @@ def _scan(
 
 
 def _pairs_table(data: DEInput, c1: np.ndarray, c2: np.ndarray, summary: np.ndarray) -> pd.DataFrame:
+    import pandas as pd  # here: the marker runs need no tables
+
     names = np.asarray(data.clusters, dtype=object)
     return pd.DataFrame(
         {
@@ -340,6 +344,8 @@ def _pairs_table(data: DEInput, c1: np.ndarray, c2: np.ndarray, summary: np.ndar
 def _genes_table(
     data: DEInput, c1: np.ndarray, c2: np.ndarray, top_genes: np.ndarray, top_padj: np.ndarray, top_pval: np.ndarray
 ) -> pd.DataFrame:
+    import pandas as pd
+
     pair, side, rank = np.nonzero(top_genes >= 0)
     gene = top_genes[pair, side, rank]
     a, b = c1[pair], c2[pair]
@@ -357,10 +363,18 @@ def _genes_table(
     )  # fmt: skip
 
 
+#: candidates a pair's row holds in a marker run (pairs with more are scanned again, wider)
+MARKER_ROW = 1024
+#: leaves per side of a tile: a chunk's pairs run tile by tile, so the rows of 2 × TILE leaves
+#: are reused from cache by every pair of the tile instead of one leaf's row per pair
+TILE = 16
+
+
 class MarkerRun:
     """The engine with MapMyCells' reference-marker test (cell_type_mapper's Welch statistic,
-    ``kernels.MMC_WELCH``): the same scan, Holm bound and candidate rows as pairwise DE; the
-    p-values and the selection are the caller's (:mod:`bigcat.mapmycells`).
+    ``kernels.MMC_WELCH``): the same Holm bound and candidate rows as pairwise DE, its own scan
+    (:func:`bigcat.de.kernels.scan_welch`); the p-values and the selection are the caller's
+    (:mod:`bigcat.mapmycells`).
 
     Candidates: |t| above ``boring`` (below it cell_type_mapper sets p = 1) and above the normal
     quantile of padj_th / (2j) — a t-test's p is never below the normal p at the same |t|, so
@@ -380,33 +394,67 @@ class MarkerRun:
         if boring is not None:
             np.maximum(bound, boring, out=bound)  # |t| must exceed boring itself: no slack there
         self.prepared.holm = bound
-        # rows as wide as the genes (distinct leaves can have most genes below p_th), as many
-        # pairs as the budget allows: no pair is ever scanned twice
-        self.pairs_per_chunk = pairs_per_chunk or int(min(PAIRS_PER_CHUNK, max(64, CANDIDATE_BUDGET // n_genes)))
+        self.width = int(min(MARKER_ROW, n_genes))
+        self.pairs_per_chunk = pairs_per_chunk or int(max(64, CANDIDATE_BUDGET // self.width))
 
     def chunks(self, p1: np.ndarray, p2: np.ndarray, select: Callable[..., tuple]) -> Iterator[tuple]:
-        """``select(c1, c2, rows, found, m)``'s result for consecutive chunks of pairs, in order
-        (a chunk whose candidates overflow the rows is rescanned in contiguous parts that fit)."""
+        """``select(c1, c2, rows, found, m)``'s result for consecutive chunks of pairs, in order.
+
+        ``select`` returns arrays whose first axis is the pairs (2-D ones padded with -1 where
+        parts differ in width). A chunk's pairs run tile by tile (:data:`TILE`) and its results
+        are put back in pair order; the pairs with more candidates than a row holds are scanned
+        again, in parts with rows wide enough."""
         data, prepared, step = self.data, self.prepared, self.pairs_per_chunk
         assert prepared.holm is not None
-        width = int(max(MIN_ROW, min(max(CANDIDATE_BUDGET // max(step, 1), 1), data.means.shape[1])))
-        space = _Rows(min(step, len(p1)), width)
+        space = _Rows(min(step, len(p1)), self.width)
         for start in range(0, len(p1), step):
             c1, c2 = p1[start : start + step], p2[start : start + step]
+            order = np.lexsort((c2, c1, c2 // TILE, c1 // TILE))
+            c1, c2 = c1[order], c2[order]
             crit = np.full(len(c1), prepared.holm[1])
             rows = space.view(len(c1))
             found, m = _scan(data, prepared, c1, c2, crit, rows)
-            if found.max(initial=0) <= width:
+            over = found > rows.width
+            if not over.any():
                 kernels.tighten(rows.genes, rows.stats, rows.dfs, found, m, prepared.holm)
-                yield select(c1, c2, rows, found, m)
+                yield _in_order([(order, select(c1, c2, rows, found, m))], len(c1))
                 continue
-            parts = []
-            for lo, hi in _fitting_ranges(found, CANDIDATE_BUDGET):
-                sub = _Rows(hi - lo, int(max(found[lo:hi].max(), 1)))
-                f, mm = _scan(data, prepared, c1[lo:hi], c2[lo:hi], crit[lo:hi], sub)
+            # the rows in place (copying them costs more than the work): the pairs that overflow
+            # are selected with no candidates here, and replaced by their wider runs below
+            wide = np.flatnonzero(over)
+            wide_found = found[wide]
+            found[wide] = 0
+            kernels.tighten(rows.genes, rows.stats, rows.dfs, found, m, prepared.holm)
+            parts = [(order, select(c1, c2, rows, found, m))]
+            for lo, hi in _fitting_ranges(wide_found, CANDIDATE_BUDGET):
+                pick = wide[lo:hi]
+                sub = _Rows(len(pick), int(wide_found[lo:hi].max()))
+                f, mm = _scan(data, prepared, c1[pick], c2[pick], crit[pick], sub)
                 kernels.tighten(sub.genes, sub.stats, sub.dfs, f, mm, prepared.holm)
-                parts.append(select(c1[lo:hi], c2[lo:hi], sub, f, mm))
-            yield tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+                parts.append((order[pick], select(c1[pick], c2[pick], sub, f, mm)))
+            yield _in_order(parts, len(c1))
+
+
+def _in_order(parts: list[tuple[np.ndarray, tuple]], n: int) -> tuple:
+    """The parts' results (``(positions, arrays by pair)``) as one tuple of arrays in pair order;
+    a later part's pairs replace an earlier one's."""
+    if len(parts) == 1:
+        positions, result = parts[0]
+        back = np.empty_like(positions)
+        back[positions] = np.arange(n)
+        return tuple(column[back] for column in result)
+    out = []
+    for i, first in enumerate(parts[0][1]):
+        shape = (n,) if first.ndim == 1 else (n, max(part[1][i].shape[1] for part in parts))
+        column = np.full(shape, -1, dtype=first.dtype)
+        for positions, result in parts:
+            values = result[i]
+            if values.ndim == 1:
+                column[positions] = values
+            else:
+                column[positions, : values.shape[1]] = values
+        out.append(column)
+    return tuple(out)
 
 
 def _fitting_ranges(found: np.ndarray, budget: int) -> list[tuple[int, int]]:

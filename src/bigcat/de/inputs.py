@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from bigcat.errors import BigcatInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["DEInput", "load_de_input"]
 
@@ -78,6 +80,8 @@ def load_de_input(
             msg = f"{source}: no sums or means"
             raise BigcatInputError(msg)
         counts = _present_counts(ds, source, low_th, n_cells)
+    import pandas as pd
+
     return DEInput(
         source, pd.Index(np.asarray(ds["cluster"].values).astype(str)), pd.Index(np.asarray(ds["gene"].values)),
         n_cells, means, sqr_means, counts,

@@ -201,18 +201,17 @@ def _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes
     lowest_edge = edges[-1] if len(edges) else np.inf
     for k in range(first, last):
         a, b = p1[k], p2[k]
-        lowest = min(crit[k], lowest_edge)
+        # the rungs count genes above the lowest edge, and a cut found there is above it: the
+        # pre-filter keeps only those (a quarter of the genes above crit, typically)
+        lowest = lowest_edge if len(edges) else crit[k]
         n_hits = _welch_hits(means32[a], means32[b], spread32[a], spread32[b], rel,
                              np.float32(lowest * lowest * (1.0 - PREFILTER_SLACK)), hits, flags)  # fmt: skip
         # the hits in float64, as the one-pass scan computed every gene: diff², se², the rungs
         above[:] = 0
         lowest2 = lowest_edge * lowest_edge * (1.0 - 1.0e-12)
+        _welch_exact(means, spread, a, b, hits, n_hits, diff2, se2)
         for j in range(n_hits):
-            g = hits[j]
-            diff = means[a, g] - means[b, g]
-            d2 = diff * diff
-            s2 = spread[a, g] + spread[b, g]
-            diff2[j], se2[j] = d2, s2
+            d2, s2 = diff2[j], se2[j]
             # "not ≤": NaN counts (a conservative count); se² ≤ 0 gives t = |diff|/1e-10
             if not d2 <= lowest2 * s2:
                 for level in range(len(edges)):
@@ -220,6 +219,10 @@ def _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes
         bound = crit[k]
         if len(holm):
             bound = max(bound, _holm_cut(holm, n_genes, ladder, above))
+        if bound < lowest:  # no rung held (most genes are that far apart): filtered again at the bound
+            n_hits = _welch_hits(means32[a], means32[b], spread32[a], spread32[b], rel,
+                                 np.float32(bound * bound * (1.0 - PREFILTER_SLACK)), hits, flags)  # fmt: skip
+            _welch_exact(means, spread, a, b, hits, n_hits, diff2, se2)
         loose = bound * bound * (1.0 - 1.0e-12)
         row_genes, row_stats, row_dfs = genes[k], stats[k], dfs[k]
         cap = len(row_genes)
@@ -238,6 +241,16 @@ def _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes
                 count += 1
         found[k] = count
         m_out[k] = n_genes  # p is defined for every gene (NaN counts as 1)
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _welch_exact(means, spread, a, b, hits, n_hits, diff2, se2):
+    """diff² and se² in float64 for the hits."""
+    for j in range(n_hits):
+        g = hits[j]
+        diff = means[a, g] - means[b, g]
+        diff2[j] = diff * diff
+        se2[j] = spread[a, g] + spread[b, g]
 
 
 @numba.njit(cache=True, error_model="numpy")

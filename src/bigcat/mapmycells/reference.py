@@ -256,7 +256,8 @@ def _allowed_genes(data: MarkerInput, genes: Sequence[str] | None) -> np.ndarray
 
 
 def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds, progress: bool | None) -> Any:
-    """``(up_counts, up_genes, down_counts, down_genes)`` chunk by chunk of pairs, in pair order."""
+    """``(up_counts, up_genes, down_counts, down_genes)`` chunk by chunk of pairs, in pair order
+    (the engine runs a chunk's pairs tile by tile and puts them back in order)."""
     from bigcat.de import engine
     from bigcat.mapmycells import _kernels
     from bigcat.progress import progress_bar
@@ -278,12 +279,11 @@ def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds,
         up, down = np.zeros(len(c1), dtype=np.int64), np.zeros(len(c1), dtype=np.int64)
         _kernels.select(found, rows.genes, rows.pvals, m, c1, c2, data.n_cells, data.means, data.frac, gene_ok,
                         th.p_th, th.array, th.exact_penetrance, n_valid, up, down, *lists)  # fmt: skip
-        width = int((up + down).max(initial=0))
-        cols = np.arange(width)[None, :]
-        block = rows.genes[:, :width]
-        return up, block[cols < up[:, None]], down, block[(cols >= up[:, None]) & (cols < (up + down)[:, None])]
+        # (pairs × markers): up genes, then down genes, then padding
+        return up, down, rows.genes[:, : int((up + down).max(initial=0))]
 
     with progress_bar(total=len(p1), unit="pairs", desc="reference markers", enabled=progress) as bar:
-        for result in runner.chunks(p1, p2, select):
-            bar.update(len(result[0]))
-            yield result
+        for up, down, block in runner.chunks(p1, p2, select):
+            bar.update(len(up))
+            cols = np.arange(block.shape[1])[None, :]
+            yield up, block[cols < up[:, None]], down, block[(cols >= up[:, None]) & (cols < (up + down)[:, None])]

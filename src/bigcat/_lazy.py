@@ -1,0 +1,26 @@
+"""Public names imported on first use (PEP 562), so importing a package pays only for what is used."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def lazy_exports(package: str, where: dict[str, Iterable[str]]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` for ``where``: module → the names it defines."""
+    module_of = {name: module for module, names in where.items() for name in names}
+    namespace = importlib.import_module(package).__dict__
+
+    def __getattr__(name: str) -> Any:
+        if name in module_of:
+            value = getattr(importlib.import_module(module_of[name]), name)
+            namespace[name] = value  # later lookups skip this function
+            return value
+        msg = f"module {package!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(module_of))
+
+    return __getattr__, __dir__
