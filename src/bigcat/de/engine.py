@@ -65,6 +65,8 @@ class Prepared:
     table: PTable | None = None
     holm: np.ndarray | None = None  # holm_bounds, made by the first chunk
     narrow: tuple[np.ndarray, np.ndarray] | None = None  # MMC_WELCH: means and spread in float32
+    safe: np.ndarray | None = None  # MMC_WELCH: |t| certainly below p_th/m, by log ν
+    var: np.ndarray | None = None  # MMC_WELCH: the clusters' variances (for ν)
 
 
 def prepare(data: DEInput, method: str, p1: np.ndarray, p2: np.ndarray) -> Prepared:
@@ -319,8 +321,10 @@ def _scan(
     m = np.zeros(len(c1), dtype=np.int64)
     holm = prepared.holm if prepared.holm is not None else np.empty(0)
     if prepared.narrow is not None:
-        kernels.scan_welch(data.means, prepared.spread, *prepared.narrow, c1, c2, crit, holm, rows.genes,
-                           rows.stats, rows.dfs, found, m)  # fmt: skip
+        assert prepared.safe is not None
+        assert prepared.var is not None
+        kernels.scan_welch(data.means, prepared.spread, prepared.var, data.n_cells, prepared.safe, *prepared.narrow,
+                           c1, c2, crit, holm, rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
         return found, m
     kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, holm,
                  rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
@@ -378,15 +382,18 @@ class MarkerRun:
 
     Candidates: |t| above ``boring`` (below it cell_type_mapper sets p = 1) and above the normal
     quantile of padj_th / (2j) — a t-test's p is never below the normal p at the same |t|, so
-    the normal bound is below every gene's own; j as in :func:`holm_bounds`.
+    the normal bound is below every gene's own; j as in :func:`holm_bounds`. ``safe``: the
+    table of |t| certainly below p_th/m by log ν (:func:`bigcat.de.kernels.scan_welch`).
     """
 
-    def __init__(self, data: Any, p_th: float, boring: float | None, pairs_per_chunk: int | None = None) -> None:
+    def __init__(self, data: Any, p_th: float, boring: float | None, safe: np.ndarray,
+                 pairs_per_chunk: int | None = None) -> None:  # fmt: skip
         self.data = data
         n_genes = data.means.shape[1]
         # float32 copies for the scan's pre-filter (each half the size of its float64 array)
         narrow = (data.means.astype(np.float32), data.var_n.astype(np.float32))
-        self.prepared = Prepared(kernels.MMC_WELCH, data.var_n, np.zeros((1, 1)), 0.0, None, narrow=narrow)
+        self.prepared = Prepared(kernels.MMC_WELCH, data.var_n, np.zeros((1, 1)), 0.0, None, narrow=narrow,
+                                 safe=safe, var=data.var)  # fmt: skip
         j = np.arange(1, n_genes + 1, dtype=np.float64)
         bound = np.empty(n_genes + 1)
         bound[0] = np.inf

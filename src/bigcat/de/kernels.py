@@ -159,6 +159,10 @@ def _pair_statistics(method, a, b, means, spread, counts, n_cells, values, value
     return m
 
 
+#: ``scan_welch``'s ν for a candidate whose p is certainly below p_th/m, and the spacing in log ν
+#: of its table of safe |t| (``bigcat.mapmycells._kernels.safe_table``)
+SURE = -np.inf
+SAFE_STEP = 0.01
 #: the float32 pre-filter of :func:`scan_welch`: |diff| may be off by this much relative to
 #: |mean₁| + |mean₂| (two roundings to float32 and a subtraction, with room), and the bound is
 #: loosened by ``PREFILTER_SLACK`` for the float32 products
@@ -167,12 +171,18 @@ PREFILTER_SLACK = 1.0e-5
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def scan_welch(means, spread, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found, m_out):
+def scan_welch(means, spread, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found,
+               m_out):  # fmt: skip
     """:func:`scan` for ``MMC_WELCH`` (spread holds var / n), in two steps per pair: a float32
     pass over every gene (half the bytes of float64, twice the vector width) keeps the genes whose
     |t| may exceed the lowest bound — a superset, its margins covering float32's rounding — and
     only those are tested in float64, exactly as before: the same counts at the rungs, the same
-    Holm cut, the same candidates and |t|."""
+    Holm cut, the same candidates and |t|.
+
+    A candidate's ``stats`` is its t signed as mean₁ − mean₂ (−|t| where that is ≤ 0), its
+    ``dfs`` Welch's ν (:func:`mmc_nu`) — or ``SURE`` when its p is certainly below p_th/m: ν ≥ 1
+    and |t| above ``safe`` at ν (``safe[i]`` holds for ν ≥ exp(i·SAFE_STEP)). Both are computed
+    here, while the pair's rows are in cache."""
     n_genes = means.shape[1]
     n_tasks = (len(p1) + PAIRS_PER_TASK - 1) // PAIRS_PER_TASK
     rungs = 0
@@ -185,13 +195,13 @@ def scan_welch(means, spread, means32, spread32, p1, p2, crit, holm, genes, stat
         edges[level] = holm[n_genes - ladder[level]]
     for task in numba.prange(n_tasks):
         first, last = task * PAIRS_PER_TASK, min((task + 1) * PAIRS_PER_TASK, len(p1))
-        _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found, m_out,
-                         ladder, edges, first, last)  # fmt: skip
+        _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats,
+                         dfs, found, m_out, ladder, edges, first, last)  # fmt: skip
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found, m_out, ladder,
-                     edges, first, last):  # fmt: skip
+def _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs,
+                     found, m_out, ladder, edges, first, last):  # fmt: skip
     n_genes = means.shape[1]
     hits = np.empty(n_genes, dtype=np.int64)
     diff2, se2 = np.empty(n_genes), np.empty(n_genes)
@@ -201,6 +211,7 @@ def _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes
     lowest_edge = edges[-1] if len(edges) else np.inf
     for k in range(first, last):
         a, b = p1[k], p2[k]
+        n1, n2 = float(n_cells[a]), float(n_cells[b])
         # the rungs count genes above the lowest edge, and a cut found there is above it: the
         # pre-filter keeps only those (a quarter of the genes above crit, typically)
         lowest = lowest_edge if len(edges) else crit[k]
@@ -232,12 +243,15 @@ def _scan_welch_task(means, spread, means32, spread32, p1, p2, crit, holm, genes
                 continue
             g = hits[j]
             se = math.sqrt(se2[j])  # NaN below 0, as NumPy's sqrt
-            t = abs(means[a, g] - means[b, g]) / (se if se > 0 else 1.0e-10)
+            diff = means[a, g] - means[b, g]
+            t = abs(diff) / (se if se > 0 else 1.0e-10)
             if t > bound:
                 if count < cap:
+                    nu = mmc_nu(var[a, g], var[b, g], n1, n2, se2[j])
+                    sure = nu >= 1.0 and t > safe[min(int(math.log(nu) / SAFE_STEP), len(safe) - 1)]
                     row_genes[count] = g
-                    row_stats[count] = t
-                    row_dfs[count] = 0.0
+                    row_stats[count] = -t if diff <= 0 else t
+                    row_dfs[count] = SURE if sure else nu
                 count += 1
         found[k] = count
         m_out[k] = n_genes  # p is defined for every gene (NaN counts as 1)
@@ -323,8 +337,9 @@ def _gather(values, values_df, bound, genes, stats, dfs, with_df):
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def tighten(genes, stats, dfs, found, m_of, bound):
     """Each row's candidates cut down, in place and in gene order, to those whose statistic
-    exceeds ``bound[m - C + 1]``, C the count still kept (repeated until C holds still: it only
-    shrinks). ``found`` is updated. For methods with one df for every gene."""
+    exceeds ``bound[m - C + 1]`` in absolute value (a marker run's are signed), C the count still
+    kept (repeated until C holds still: it only shrinks). ``found`` is updated. For methods with
+    one df for every gene."""
     for k in numba.prange(len(found)):
         count = found[k]
         row = stats[k, : found[k]]
@@ -332,7 +347,7 @@ def tighten(genes, stats, dfs, found, m_of, bound):
             limit = bound[min(max(m_of[k] - count + 1, 1), len(bound) - 1)]
             fewer = 0
             for x in row:
-                fewer += x > limit
+                fewer += abs(x) > limit
             if fewer == count:
                 break
             count = fewer
@@ -344,7 +359,7 @@ def tighten(genes, stats, dfs, found, m_of, bound):
 def _keep(genes, stats, dfs, count, limit):
     at = 0
     for i in range(count):
-        if stats[i] > limit:
+        if abs(stats[i]) > limit:
             genes[at], stats[at], dfs[at] = genes[i], stats[i], dfs[i]
             at += 1
     return at

@@ -1,26 +1,24 @@
 """Compiled kernels of MapMyCells' reference-marker test on the all-pairs DE engine.
 
-The engine's scan (:func:`bigcat.de.kernels.scan_welch`, method ``MMC_WELCH``) computes cell_type_mapper's
-Welch statistic for every gene of a pair and keeps the genes whose p-value can be below
-``p_th``; :func:`bigcat.de.kernels.tighten` cuts them down to those Holm can still select. Here:
-their exact p-values (:func:`pvalues`: scipy's own Student t CDF and cell_type_mapper's clipping
-of it) and the selection (:func:`select`): Holm, the penetrance test — exact, or the default
-approximate one (the genes nearest to the thresholds in (q1, qdiff, fold) space until
-``n_valid`` pass, hard floors, one retry among the p-valid genes when fewer than
+The engine's scan (:func:`bigcat.de.kernels.scan_welch`, method ``MMC_WELCH``) computes
+cell_type_mapper's Welch statistic for every gene of a pair and keeps the genes whose p-value can be
+below ``p_th``, with their signed t and ν; :func:`bigcat.de.kernels.tighten` cuts them down to those
+Holm can still select. Here: their exact p-values (:func:`pvalues`: scipy's own Student t CDF and
+cell_type_mapper's clipping of it) and the selection (:func:`select`): Holm, the penetrance test —
+exact, or the default approximate one (the genes nearest to the thresholds in (q1, qdiff, fold)
+space until ``n_valid`` pass, hard floors, one retry among the p-valid genes when fewer than
 ``N_VALID_MIN`` pass) — and the up/down split. Every float operation is written in the order
 cell_type_mapper's NumPy code performs it, so ties and thresholds fall the same way.
 """
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
-from bigcat.de.kernels import mmc_nu
+from bigcat.de.kernels import SAFE_STEP, SURE
 
-__all__ = ["N_VALID_MIN", "expressed_lists", "pending", "pvalues", "safe_table", "select", "signed_t_and_nu"]
+__all__ = ["N_VALID_MIN", "expressed_lists", "pending", "pvalues", "safe_table", "select"]
 
 #: cell_type_mapper retries the approximate penetrance test among the p-valid genes when fewer
 #: than this many genes pass (``score_differential_genes``' ``n_valid_min``)
@@ -29,10 +27,9 @@ N_VALID_MIN = 10
 N_CELLS_MIN = 2
 #: pairs per task of the selection's parallel loop (a task holds the census' scratch)
 PAIRS_PER_TASK = 16
-#: room for rounding when a gene is known to be below p_th/m from its |t| and ν alone, and the
-#: spacing of that table in log ν
+#: room for rounding when a gene is known to be below p_th/m from its |t| and ν alone (the
+#: table's spacing in log ν is the engine's ``SAFE_STEP``)
 T_SLACK = 1.0e-6
-SAFE_STEP = 0.01
 #: distance² below which a gene meets the penetrance thresholds exactly
 ABSOLUTE = 1.0e-10
 #: the CDF is clipped to [smallest normal, 1 - epsneg] before p = 2·min(cdf, 1 - cdf)
@@ -40,40 +37,24 @@ CDF_FLOOR = float(np.finfo(np.float64).smallest_normal)
 CDF_CEIL = 1.0 - float(np.finfo(np.float64).epsneg)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def signed_t_and_nu(stats, genes, found, p1, p2, n_cells, means, var, var_n, safe, nu_out, pvals):
-    """For each row's candidates: those certainly below p_th/m (|t| above ``safe`` at their ν, see
-    :func:`safe_table`) get p = 0 (Holm validates every gene below p_th/m whatever its rank, and
-    cell_type_mapper's p is never 0, so 0 marks them); the others get NaN in ``pvals``, their t
-    signed as mean₁ − mean₂ in ``stats`` (which held |t|) and Welch's ν in ``nu_out``."""
-    for k in numba.prange(len(found)):
-        a, b = p1[k], p2[k]
-        n1, n2 = float(n_cells[a]), float(n_cells[b])
-        for i in range(found[k]):
-            g = genes[k, i]
-            nu = mmc_nu(var[a, g], var[b, g], n1, n2, var_n[a, g] + var_n[b, g])
-            if nu >= 1.0 and stats[k, i] > safe[min(int(math.log(nu) / SAFE_STEP), len(safe) - 1)]:
-                pvals[k, i] = 0.0
-                continue
-            pvals[k, i] = np.nan
-            nu_out[k, i] = nu
-            if means[a, g] - means[b, g] <= 0:
-                stats[k, i] = -stats[k, i]
-
-
 @numba.njit(cache=True)
 def pending(pvals, stats, nus, found):
-    """The candidates :func:`signed_t_and_nu` left without a p (NaN): their row, column, t and ν."""
+    """After the engine's scan (signed t in ``stats``, ν in ``nus``, ``SURE`` for the candidates
+    certainly below p_th/m): those get p = 0 in ``pvals`` (Holm validates every gene below
+    p_th/m whatever its rank, and cell_type_mapper's p is never 0, so 0 marks them); the others
+    NaN, and their row, column, t and ν are returned, for :func:`pvalues`."""
     n = 0
     for k in range(len(found)):
         for i in range(found[k]):
-            n += pvals[k, i] != pvals[k, i]
+            sure = nus[k, i] == SURE
+            pvals[k, i] = 0.0 if sure else np.nan
+            n += not sure
     rows, cols = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
     t, nu = np.empty(n), np.empty(n)
     n = 0
     for k in range(len(found)):
         for i in range(found[k]):
-            if pvals[k, i] != pvals[k, i]:
+            if nus[k, i] != SURE:
                 rows[n], cols[n], t[n], nu[n] = k, i, stats[k, i], nus[k, i]
                 n += 1
     return rows, cols, t, nu

@@ -263,17 +263,15 @@ def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds,
     from bigcat.progress import progress_bar
 
     p1, p2 = leaf_pairs(len(data.leaves))
-    runner = engine.MarkerRun(data, th.p_th, boring_t(th.p_th))
-    n_valid = min(th.n_valid, len(data.genes))
     # ν ≤ n₁ + n₂ − 2: the table reaches the two largest leaves
     safe = _kernels.safe_table(th.p_th / len(data.genes), float(2 * data.n_cells.max(initial=2)))
+    runner = engine.MarkerRun(data, th.p_th, boring_t(th.p_th), safe)
+    n_valid = min(th.n_valid, len(data.genes))
     lists = _kernels.expressed_lists(data.frac, th.array)
 
     def select(c1: np.ndarray, c2: np.ndarray, rows: Any, found: np.ndarray, m: np.ndarray) -> tuple:
-        # p = 0 for the genes certainly below p_th/m; the others' signed t (in stats) and ν (in
-        # dfs), then their p in one vectorized call
-        _kernels.signed_t_and_nu(rows.stats, rows.genes, found, c1, c2, data.n_cells, data.means, data.var,
-                                 data.var_n, safe, rows.dfs, rows.pvals)  # fmt: skip
+        # p = 0 for the genes certainly below p_th/m; the others' p from their signed t (in stats)
+        # and ν (in dfs) in one vectorized call
         at_row, at_col, t, nu = _kernels.pending(rows.pvals, rows.stats, rows.dfs, found)
         rows.pvals[at_row, at_col] = _kernels.pvalues(t, nu)
         up, down = np.zeros(len(c1), dtype=np.int64), np.zeros(len(c1), dtype=np.int64)
