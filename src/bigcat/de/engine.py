@@ -421,9 +421,8 @@ class MarkerRun:
             crit = np.full(len(c1), prepared.holm[1])
             rows = space.view(len(c1))
             found, m = _scan(data, prepared, c1, c2, crit, rows)
-            over = found > rows.width
+            over = found > rows.width  # (the scan cut the others down to what Holm can select)
             if not over.any():
-                kernels.tighten(rows.genes, rows.stats, rows.dfs, found, m, prepared.holm)
                 yield _in_order([(order, select(c1, c2, rows, found, m))], len(c1))
                 continue
             # the rows in place (copying them costs more than the work): the pairs that overflow
@@ -431,13 +430,11 @@ class MarkerRun:
             wide = np.flatnonzero(over)
             wide_found = found[wide]
             found[wide] = 0
-            kernels.tighten(rows.genes, rows.stats, rows.dfs, found, m, prepared.holm)
             parts = [(order, select(c1, c2, rows, found, m))]
             for lo, hi in _fitting_ranges(wide_found, CANDIDATE_BUDGET):
                 pick = wide[lo:hi]
                 sub = _Rows(len(pick), int(wide_found[lo:hi].max()))
                 f, mm = _scan(data, prepared, c1[pick], c2[pick], crit[pick], sub)
-                kernels.tighten(sub.genes, sub.stats, sub.dfs, f, mm, prepared.holm)
                 parts.append((order[pick], select(c1[pick], c2[pick], sub, f, mm)))
             yield _in_order(parts, len(c1))
 

@@ -179,7 +179,8 @@ def scan_welch(means, spread, var, n_cells, safe, means32, spread32, p1, p2, cri
     only those are tested in float64, exactly as before: the same counts at the rungs, the same
     Holm cut, the same candidates and |t|.
 
-    A candidate's ``stats`` is its t signed as mean₁ − mean₂ (−|t| where that is ≤ 0), its
+    Each row is then cut as :func:`tighten` cuts it (a row that overflows is left for a wider
+    scan). A candidate's ``stats`` is its t signed as mean₁ − mean₂ (−|t| where that is ≤ 0), its
     ``dfs`` Welch's ν (:func:`mmc_nu`) — or ``SURE`` when its p is certainly below p_th/m: ν ≥ 1
     and |t| above ``safe`` at ν (``safe[i]`` holds for ν ≥ exp(i·SAFE_STEP)). Both are computed
     here, while the pair's rows are in cache."""
@@ -253,6 +254,8 @@ def _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p
                     row_stats[count] = -t if diff <= 0 else t
                     row_dfs[count] = SURE if sure else nu
                 count += 1
+        if count <= cap and len(holm):  # cut down to those Holm can still select (:func:`tighten`)
+            count = _tighten_row(row_genes, row_stats, row_dfs, count, n_genes, holm)
         found[k] = count
         m_out[k] = n_genes  # p is defined for every gene (NaN counts as 1)
 
@@ -341,18 +344,23 @@ def tighten(genes, stats, dfs, found, m_of, bound):
     kept (repeated until C holds still: it only shrinks). ``found`` is updated. For methods with
     one df for every gene."""
     for k in numba.prange(len(found)):
-        count = found[k]
-        row = stats[k, : found[k]]
-        while True:
-            limit = bound[min(max(m_of[k] - count + 1, 1), len(bound) - 1)]
-            fewer = 0
-            for x in row:
-                fewer += abs(x) > limit
-            if fewer == count:
-                break
-            count = fewer
-        _keep(genes[k], stats[k], dfs[k], found[k], limit)
-        found[k] = count
+        found[k] = _tighten_row(genes[k], stats[k], dfs[k], found[k], m_of[k], bound)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _tighten_row(genes, stats, dfs, found, m, bound):
+    """:func:`tighten` for one row of ``found`` candidates; returns how many are kept."""
+    count = found
+    while True:
+        limit = bound[min(max(m - count + 1, 1), len(bound) - 1)]
+        fewer = 0
+        for i in range(found):
+            fewer += abs(stats[i]) > limit
+        if fewer == count:
+            break
+        count = fewer
+    _keep(genes, stats, dfs, found, limit)
+    return count
 
 
 @numba.njit(cache=True, inline="always")
