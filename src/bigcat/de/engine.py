@@ -66,7 +66,6 @@ class Prepared:
     holm: np.ndarray | None = None  # holm_bounds, made by the first chunk
     narrow: tuple[np.ndarray, np.ndarray] | None = None  # MMC_WELCH: means and spread in float32
     safe: np.ndarray | None = None  # MMC_WELCH: |t| certainly below p_th/m, by log ν
-    var: np.ndarray | None = None  # MMC_WELCH: the clusters' variances (for ν)
 
 
 def prepare(data: DEInput, method: str, p1: np.ndarray, p2: np.ndarray) -> Prepared:
@@ -322,9 +321,8 @@ def _scan(
     holm = prepared.holm if prepared.holm is not None else np.empty(0)
     if prepared.narrow is not None:
         assert prepared.safe is not None
-        assert prepared.var is not None
-        kernels.scan_welch(data.means, prepared.spread, prepared.var, data.n_cells, prepared.safe, *prepared.narrow,
-                           c1, c2, crit, holm, rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
+        kernels.scan_welch(data.means, prepared.spread, data.n_cells, prepared.safe, *prepared.narrow, c1, c2, crit,
+                           holm, rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
         return found, m
     kernels.scan(prepared.method, data.means, prepared.spread, prepared.counts, data.n_cells, c1, c2, crit, holm,
                  rows.genes, rows.stats, rows.dfs, found, m)  # fmt: skip
@@ -390,10 +388,14 @@ class MarkerRun:
                  pairs_per_chunk: int | None = None) -> None:  # fmt: skip
         self.data = data
         n_genes = data.means.shape[1]
-        # float32 copies for the scan's pre-filter (each half the size of its float64 array)
-        narrow = (data.means.astype(np.float32), data.var_n.astype(np.float32))
-        self.prepared = Prepared(kernels.MMC_WELCH, data.var_n, np.zeros((1, 1)), 0.0, None, narrow=narrow,
-                                 safe=safe, var=data.var)  # fmt: skip
+        # float32 means and var / n for the scan's pre-filter (half the size of a float64 array);
+        # the scan's float64 arithmetic reads the variances themselves (spread)
+        spread32 = np.empty(data.var.shape, dtype=np.float32)
+        for lo in range(0, len(spread32), 256):  # block by block: no float64 temporary of the whole
+            with np.errstate(divide="ignore", invalid="ignore"):
+                spread32[lo : lo + 256] = data.var[lo : lo + 256] / data.n_cells[lo : lo + 256, None]
+        narrow = (data.means.astype(np.float32), spread32)
+        self.prepared = Prepared(kernels.MMC_WELCH, data.var, np.zeros((1, 1)), 0.0, None, narrow=narrow, safe=safe)
         j = np.arange(1, n_genes + 1, dtype=np.float64)
         bound = np.empty(n_genes + 1)
         bound[0] = np.inf

@@ -171,9 +171,10 @@ PREFILTER_SLACK = 1.0e-5
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def scan_welch(means, spread, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found,
+def scan_welch(means, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found,
                m_out):  # fmt: skip
-    """:func:`scan` for ``MMC_WELCH`` (spread holds var / n), in two steps per pair: a float32
+    """:func:`scan` for ``MMC_WELCH`` (``spread32``: var / n in float32; in float64 var / n is
+    computed where needed, as cell_type_mapper divides, so no float64 copy is held), in two steps per pair: a float32
     pass over every gene (half the bytes of float64, twice the vector width) keeps the genes whose
     |t| may exceed the lowest bound — a superset, its margins covering float32's rounding — and
     only those are tested in float64, exactly as before: the same counts at the rungs, the same
@@ -196,13 +197,13 @@ def scan_welch(means, spread, var, n_cells, safe, means32, spread32, p1, p2, cri
         edges[level] = holm[n_genes - ladder[level]]
     for task in numba.prange(n_tasks):
         first, last = task * PAIRS_PER_TASK, min((task + 1) * PAIRS_PER_TASK, len(p1))
-        _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats,
-                         dfs, found, m_out, ladder, edges, first, last)  # fmt: skip
+        _scan_welch_task(means, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found,
+                         m_out, ladder, edges, first, last)  # fmt: skip
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs,
-                     found, m_out, ladder, edges, first, last):  # fmt: skip
+def _scan_welch_task(means, var, n_cells, safe, means32, spread32, p1, p2, crit, holm, genes, stats, dfs, found,
+                     m_out, ladder, edges, first, last):  # fmt: skip
     n_genes = means.shape[1]
     hits = np.empty(n_genes, dtype=np.int64)
     diff2, se2 = np.empty(n_genes), np.empty(n_genes)
@@ -221,7 +222,7 @@ def _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p
         # the hits in float64, as the one-pass scan computed every gene: diff², se², the rungs
         above[:] = 0
         lowest2 = lowest_edge * lowest_edge * (1.0 - 1.0e-12)
-        _welch_exact(means, spread, a, b, hits, n_hits, diff2, se2)
+        _welch_exact(means, var, a, b, n1, n2, hits, n_hits, diff2, se2)
         for j in range(n_hits):
             d2, s2 = diff2[j], se2[j]
             # "not ≤": NaN counts (a conservative count); se² ≤ 0 gives t = |diff|/1e-10
@@ -234,7 +235,7 @@ def _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p
         if bound < lowest:  # no rung held (most genes are that far apart): filtered again at the bound
             n_hits = _welch_hits(means32[a], means32[b], spread32[a], spread32[b], rel,
                                  np.float32(bound * bound * (1.0 - PREFILTER_SLACK)), hits, flags)  # fmt: skip
-            _welch_exact(means, spread, a, b, hits, n_hits, diff2, se2)
+            _welch_exact(means, var, a, b, n1, n2, hits, n_hits, diff2, se2)
         loose = bound * bound * (1.0 - 1.0e-12)
         row_genes, row_stats, row_dfs = genes[k], stats[k], dfs[k]
         cap = len(row_genes)
@@ -261,13 +262,13 @@ def _scan_welch_task(means, spread, var, n_cells, safe, means32, spread32, p1, p
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def _welch_exact(means, spread, a, b, hits, n_hits, diff2, se2):
-    """diff² and se² in float64 for the hits."""
+def _welch_exact(means, var, a, b, n1, n2, hits, n_hits, diff2, se2):
+    """diff² and se² = var₁/n₁ + var₂/n₂ in float64 for the hits."""
     for j in range(n_hits):
         g = hits[j]
         diff = means[a, g] - means[b, g]
         diff2[j] = diff * diff
-        se2[j] = spread[a, g] + spread[b, g]
+        se2[j] = var[a, g] / n1 + var[b, g] / n2
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -31,7 +31,8 @@ ROWS_PER_BLOCK = 64
 class MarkerInput:
     """What the reference-marker test reads, per leaf (rows, in sorted leaf order) and gene,
     computed as cell_type_mapper's ``aggregate_stats`` does: mean = sum / max(1, n), var =
-    (sumsq − sum²/max(1, n)) / max(1, n − 1), var_n = var / n, frac = ge1 / max(1, n)."""
+    (sumsq − sum²/max(1, n)) / max(1, n − 1), frac = ge1 / max(1, n). (Welch's var / n is
+    computed where it is used: a fourth leaves × genes array would cost 1.3 GB at 5,000 × 32,285.)"""
 
     source: str
     level: str
@@ -40,7 +41,6 @@ class MarkerInput:
     n_cells: np.ndarray
     means: np.ndarray
     var: np.ndarray
-    var_n: np.ndarray  # var / n: the terms of Welch's standard error, as cell_type_mapper divides
     frac: np.ndarray
 
 
@@ -83,7 +83,7 @@ def read_marker_input(path: str | os.PathLike, storage_options: dict | None = No
         n_all = np.asarray(f["n_cells"][()], dtype=np.int64)
         n_cells = n_all[rows]
         shape = (len(leaves), len(genes))
-        means, var, var_n, frac = np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape)
+        means, var, frac = np.empty(shape), np.empty(shape), np.empty(shape)
         order = np.argsort(rows, kind="stable")  # read in file order, place in leaf order
         for lo in range(0, len(rows), ROWS_PER_BLOCK):
             pick = order[lo : lo + ROWS_PER_BLOCK]
@@ -96,13 +96,9 @@ def read_marker_input(path: str | os.PathLike, storage_options: dict | None = No
             sq = np.asarray(f["sumsq"][np.sort(file_rows)], dtype=np.float64)[back]
             ge1 = np.asarray(f["ge1"][np.sort(file_rows)], dtype=np.int64)[back]
             means[pick] = s / n
-            block_var = (sq - s**2 / n) / n_minus
-            var[pick] = block_var
-            with np.errstate(divide="ignore", invalid="ignore"):  # a leaf without cells has no markers
-                var_n[pick] = block_var / n_cells[pick][:, None]
+            var[pick] = (sq - s**2 / n) / n_minus
             frac[pick] = ge1 / n
-    return MarkerInput(source, level, [str(x) for x in leaves], [str(g) for g in genes], n_cells, means, var, var_n,
-                       frac)  # fmt: skip
+    return MarkerInput(source, level, [str(x) for x in leaves], [str(g) for g in genes], n_cells, means, var, frac)
 
 
 @dataclass(frozen=True)
@@ -210,11 +206,12 @@ def reference_markers(
 
     Notes
     -----
-    The pairs run through bigcat's pairwise-DE engine (:mod:`bigcat.de.engine`): one pass per
-    pair over the genes keeps those whose p can pass Holm; exact p-values (scipy's Student t
-    CDF, clipped as cell_type_mapper clips it) only for those; the penetrance test in the same
-    compiled pass. Memory: the leaves' means, variances and fractions (3 × leaves × genes ×
-    8 bytes) plus bounded buffers; the markers stream to disk.
+    The pairs run through bigcat's pairwise-DE engine (:mod:`bigcat.de.engine`) tile by tile:
+    one float32 pass per pair over the genes finds those whose p can pass Holm (exact in float64
+    from there); exact p-values (scipy's Student t CDF, clipped as cell_type_mapper clips it)
+    only for those; the penetrance test in one compiled pass. Memory: the leaves' means,
+    variances and fractions (3 × leaves × genes × 8 bytes) and float32 means and var / n
+    (2 × leaves × genes × 4 bytes) plus bounded buffers; the markers stream to disk.
     """
     th = MarkerThresholds(p_th, q1_th, q1_min_th, qdiff_th, qdiff_min_th, log2_fold_th, log2_fold_min_th,
                           int(n_valid), bool(exact_penetrance))  # fmt: skip
