@@ -13,12 +13,14 @@ cell_type_mapper's NumPy code performs it, so ties and thresholds fall the same 
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
 from bigcat.de.kernels import SAFE_STEP, SURE
 
-__all__ = ["N_VALID_MIN", "expressed_lists", "pending", "pvalues", "safe_table", "select"]
+__all__ = ["N_VALID_MIN", "expressed_lists", "fail_table", "pending", "pvalues", "safe_table", "select"]
 
 #: cell_type_mapper retries the approximate penetrance test among the p-valid genes when fewer
 #: than this many genes pass (``score_differential_genes``' ``n_valid_min``)
@@ -38,18 +40,30 @@ CDF_CEIL = 1.0 - float(np.finfo(np.float64).epsneg)
 
 
 @numba.njit(parallel=True, cache=True)
-def pending(pvals, stats, nus, found):
+def pending(pvals, stats, nus, found, fail, fail_rows):
     """After the engine's scan (signed t in ``stats``, ν in ``nus``, ``SURE`` for the candidates
     certainly below p_th/m): those get p = 0 in ``pvals`` (Holm validates every gene below
-    p_th/m whatever its rank, and cell_type_mapper's p is never 0, so 0 marks them); the others
-    NaN, and their row, column, t and ν are returned, for :func:`pvalues`."""
+    p_th/m whatever its rank, and cell_type_mapper's p is never 0, so 0 marks them). In a row of
+    at most ``fail_rows`` candidates, one whose p is certainly above the lowest bound Holm can
+    hold it to (|t| below ``fail`` at its ν, see :func:`fail_table`) gets p = +inf: it fails
+    whatever its exact p, and ranks after every gene that passes, so no decision changes. The
+    others get NaN, and their row, column, t and ν are returned, for :func:`pvalues`."""
     per_row = np.zeros(len(found) + 1, dtype=np.int64)
+    last = len(fail) - 1
     for k in numba.prange(len(found)):
         n = 0
         for i in range(found[k]):
-            sure = nus[k, i] == SURE
-            pvals[k, i] = 0.0 if sure else np.nan
-            n += not sure
+            nu = nus[k, i]
+            if nu == SURE:
+                pvals[k, i] = 0.0
+                continue
+            if found[k] <= fail_rows and nu >= 1.0:
+                at = int(math.log(nu) / SAFE_STEP)
+                if at < last and abs(stats[k, i]) < fail[at]:
+                    pvals[k, i] = np.inf
+                    continue
+            pvals[k, i] = np.nan
+            n += 1
         per_row[k + 1] = n
     start = np.cumsum(per_row)
     rows, cols = np.empty(start[-1], dtype=np.int64), np.empty(start[-1], dtype=np.int64)
@@ -57,7 +71,7 @@ def pending(pvals, stats, nus, found):
     for k in numba.prange(len(found)):
         n = start[k]
         for i in range(found[k]):
-            if nus[k, i] != SURE:
+            if pvals[k, i] != pvals[k, i]:
                 rows[n], cols[n], t[n], nu[n] = k, i, stats[k, i], nus[k, i]
                 n += 1
     return rows, cols, t, nu
@@ -70,6 +84,16 @@ def safe_table(p: float, nu_max: float) -> np.ndarray:
 
     nu = np.exp(np.arange(0.0, np.log(max(nu_max, 2.0)) + 2 * SAFE_STEP, SAFE_STEP))
     return -special.stdtrit(nu, p / 2) * (1.0 + T_SLACK)
+
+
+def fail_table(p: float, nu_max: float) -> np.ndarray:
+    """``fail[i]``: a |t| below which the two-sided p is above ``p`` for every ν below
+    exp((i + 1)·SAFE_STEP) (p grows as ν falls at a fixed t), with room for rounding; i up to
+    ν = nu_max (beyond the table's last bucket nothing is decided)."""
+    from scipy import special
+
+    nu = np.exp(np.arange(1.0, np.log(max(nu_max, 2.0)) / SAFE_STEP + 3.0) * SAFE_STEP)
+    return -special.stdtrit(nu, p / 2) * (1.0 - T_SLACK)
 
 
 def pvalues(t: np.ndarray, nu: np.ndarray) -> np.ndarray:

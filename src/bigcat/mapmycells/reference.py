@@ -265,13 +265,18 @@ def _marker_chunks(data: MarkerInput, gene_ok: np.ndarray, th: MarkerThresholds,
     # ν ≤ n₁ + n₂ − 2: the table reaches the two largest leaves
     safe = _kernels.safe_table(th.p_th / len(data.genes), float(2 * data.n_cells.max(initial=2)))
     runner = engine.MarkerRun(data, th.p_th, boring_t(th.p_th), safe)
+    # in a row of at most fail_rows candidates, Holm holds a pending gene to p_th/(m − fail_rows + 1)
+    # at the least: one certainly above it fails, and needs no exact p
+    fail_rows = runner.width
+    fail = _kernels.fail_table(th.p_th / max(1, len(data.genes) - fail_rows + 1),
+                               float(2 * data.n_cells.max(initial=2)))  # fmt: skip
     n_valid = min(th.n_valid, len(data.genes))
     lists = _kernels.expressed_lists(data.frac, th.array)
 
     def select(c1: np.ndarray, c2: np.ndarray, rows: Any, found: np.ndarray, m: np.ndarray) -> tuple:
         # p = 0 for the genes certainly below p_th/m; the others' p from their signed t (in stats)
         # and ν (in dfs) in one vectorized call
-        at_row, at_col, t, nu = _kernels.pending(rows.pvals, rows.stats, rows.dfs, found)
+        at_row, at_col, t, nu = _kernels.pending(rows.pvals, rows.stats, rows.dfs, found, fail, fail_rows)
         rows.pvals[at_row, at_col] = _kernels.pvalues(t, nu)
         up, down = np.zeros(len(c1), dtype=np.int64), np.zeros(len(c1), dtype=np.int64)
         _kernels.select(found, rows.genes, rows.pvals, m, c1, c2, data.n_cells, data.means, data.frac, gene_ok,
