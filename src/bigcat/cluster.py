@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -354,12 +355,17 @@ def connect(spec: str | os.PathLike | None = None, *, idle_timeout: str | None =
     block closes the client and the cluster promptly even when the scheduler has already
     stopped on its idle timeout.
     """
-    import dask
-
     if spec is None:
         spec = os.environ.get("DASK_SCHEDULER_ADDRESS") or "local"
     spec = str(spec)
     config = {"distributed.scheduler.idle-timeout": idle_timeout} if idle_timeout else {}
+    if spec == "threads" and "dask" not in sys.modules:
+        # nothing configured Dask yet: its default is threads, and bigcat's own passes run
+        # on threads without it (importing dask costs 0.1 s of every command)
+        yield None
+        return
+    import dask
+
     if spec in ("threads", "sync"):
         with dask.config.set(scheduler="threads" if spec == "threads" else "synchronous"):
             yield None

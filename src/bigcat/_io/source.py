@@ -16,11 +16,10 @@ import logging
 import os
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from bigcat._io import annotations as anno
 from bigcat._io import fs
@@ -35,6 +34,9 @@ from bigcat.errors import (
     CorruptMatrixError,
     InputNotFoundError,
 )
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 __all__ = ["BLOCK_NNZ", "MatrixSource", "block_bounds", "open_source"]
 
@@ -316,6 +318,8 @@ class MatrixSource:
         first-touch page faults (docs/design.md). ``pool``: take the arrays from this
         :class:`~bigcat._memory.BufferPool` instead.
         """
+        import scipy.sparse as sp  # not at import: 0.05 s that the statistics pass does without
+
         x = self.root()[self.element]
         if self.encoding == "dense":
             return sp.csr_matrix(native(np.asarray(x[start:stop])))
@@ -334,10 +338,12 @@ class MatrixSource:
         else:
             data = native(np.asarray(data_array[lo:hi]))
             indices = native(np.asarray(indices_array[lo:hi]))
-        return self._compressed("csr", data, indices, self.indptr[start : stop + 1] - lo, start, lo)
+        return self.compressed("csr", data, indices, self.indptr[start : stop + 1] - lo, start, lo)
 
     def read_columns(self, start: int, stop: int) -> sp.csc_matrix:
         """Columns ``start:stop`` as CSC (CSC or dense X)."""
+        import scipy.sparse as sp
+
         x = self.root()[self.element]
         if self.encoding == "dense":
             return sp.csc_matrix(native(np.asarray(x[:, start:stop])))
@@ -347,9 +353,9 @@ class MatrixSource:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         data = native(np.asarray(x["data"][lo:hi]))
         indices = native(np.asarray(x["indices"][lo:hi]))
-        return self._compressed("csc", data, indices, self.indptr[start : stop + 1] - lo, start, lo)
+        return self.compressed("csc", data, indices, self.indptr[start : stop + 1] - lo, start, lo)
 
-    def _compressed(
+    def compressed(
         self, kind: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, first: int, offset: int
     ) -> Any:
         """A checked CSR/CSC block of major rows (columns) ``first…`` whose values start at
@@ -358,6 +364,8 @@ class MatrixSource:
         entries — legal in scipy and anndata, where duplicates add up — is sorted and its
         duplicates summed, as ``scipy.sparse``'s ``sum_duplicates`` does, so every consumer
         (statistics, conversion) sees the matrix scipy and anndata see."""
+        import scipy.sparse as sp
+
         from bigcat.kernels import check_compressed
 
         n_major = len(indptr) - 1

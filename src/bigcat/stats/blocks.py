@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 from bigcat._io.source import block_bounds
 from bigcat._memory import BufferPool, PageArena, release_free_memory, small_pages
 from bigcat._threads import ByReference
-from bigcat.stats import plan
+from bigcat.stats import local, plan
 from bigcat.stats.inputs import _Part
 from bigcat.stats.plan import _capacity, _decompose, _inproc
 from bigcat.stats.statistics import _accumulator_bytes, _Settings
@@ -77,6 +78,9 @@ STEPS = {
 FAN_IN = 8
 #: blocks a chain may read ahead of its fold
 LOOKAHEAD = 2
+#: in this process without a client, run the pass on threads of its own rather than as a graph
+#: (:mod:`bigcat.stats.local`); tests switch it off to check the graph against it
+LOCAL = True
 
 
 @dataclass
@@ -179,10 +183,7 @@ def _blocks(
 ) -> tuple[dict, PageArena | None]:
     """The accumulators, and memory the ``n_derived`` float32 statistics may be built in
     (``None``: none to spare)."""
-    from dask.base import tokenize
-
     n_out = len(gene_index)
-    token = tokenize([p.name for p in parts], [p.codes for p in parts], gene_index, settings, block_nnz, os.getpid())
     graph: dict = {}
     in_process = client is None or _inproc(client)
     acc_bytes = max(_accumulator_bytes(n_clusters, n_out, settings), 1)
@@ -198,6 +199,14 @@ def _blocks(
         handles.append(ByReference(value))
         return handles[-1]
 
+    local_run = client is None and LOCAL and local.supports(parts)
+    if local_run:
+        token = ""
+    else:
+        from dask.base import tokenize
+
+        names, codes = [p.name for p in parts], [p.codes for p in parts]
+        token = tokenize(names, codes, gene_index, settings, block_nnz, os.getpid())
     blocks = _plan_blocks(parts, settings, block_nnz, graph, token, pool, shared(pool))
     arena = _read_arena(pool, acc_bytes, n_derived * n_clusters * n_out * 4)
     # -- the decomposition: R row partitions × C cluster ranges --------------------------------
@@ -216,6 +225,12 @@ def _blocks(
         name: small_pages(settings.shape(name, n_clusters, n_out), settings.dtype(name))
         for name in settings.accumulators
     }
+
+    if local_run:
+        _run_local(parts, out, edges, n_row_parts, n_cells, gene_map, settings, block_nnz, pool, progress)
+        handles.clear()
+        del graph, blocks
+        return out, _spare(arena, pool)
 
     # each row partition's tasks (init, reads, folds) as a group that one worker runs;
     # in-process, chain 0 of each range accumulates straight into the preallocated results
@@ -237,13 +252,39 @@ def _blocks(
             handle.release()
     handles.clear()
     del graph, partitions, combine, blocks
-    # the arena's pages are the statistics' once no block is left in them
+    return out, _spare(arena, pool)
+
+
+def _dask_scheduler() -> Any:
+    import dask
+
+    return dask.config.get("scheduler", None)
+
+
+def _spare(arena: PageArena | None, pool: BufferPool | None) -> PageArena | None:
+    """The arena, once no block is left in its pages (they are the statistics' then)."""
     spare = arena if arena is not None and pool is not None and pool.release() else None
     if spare is not None:
         spare.reset()
-    del pool
+    if pool is not None:
+        pool.buffers.clear()
     release_free_memory()  # the read buffers kept by the allocator, before the statistics are built
-    return out, spare
+    return spare
+
+
+def _run_local(
+    parts: list[_Part], out: dict, edges: np.ndarray, n_row_parts: int, n_cells: np.ndarray, gene_map: np.ndarray,
+    settings: _Settings, block_nnz: int, pool: BufferPool | None, progress: bool | None,
+) -> None:  # fmt: skip
+    """The pass on this process' threads, without a graph (:mod:`bigcat.stats.local`)."""
+    from bigcat.progress import progress_bar
+
+    sync = "dask" in sys.modules and _dask_scheduler() in ("sync", "synchronous", "single-threaded")
+    if sync:  # one thread: one row partition, one cluster range
+        n_row_parts, edges = 1, np.array([0, edges[-1]], dtype=np.int64)
+    with progress_bar(total=None, unit="blocks", desc="stats", enabled=progress) as bar:
+        local.local_pass(parts, out, edges, n_row_parts, n_cells, gene_map, settings, block_nnz,
+                         pool if pool is not None else BufferPool(), progress=bar)  # fmt: skip
 
 
 def _read_arena(pool: BufferPool | None, acc_bytes: int, derived_bytes: int) -> PageArena | None:

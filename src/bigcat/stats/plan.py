@@ -43,6 +43,8 @@ def _default_client(client: Any) -> Any:
     configured for a local scheduler."""
     if client is not None:
         return client
+    if "dask" not in sys.modules:  # nothing can have configured a scheduler or made a client
+        return None
     import dask
 
     if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):

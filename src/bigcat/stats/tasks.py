@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from bigcat._io.source import MatrixSource
 from bigcat._memory import BufferPool, prefault, small_pages
@@ -132,6 +131,8 @@ def _read_columns(source: MatrixSource, start: int, stop: int, *_after: Any) -> 
 
 def _chunk_block(chunk: Any, col_offset: int) -> tuple:
     """A Dask chunk (pydata sparse, scipy sparse or NumPy) as a CSR block."""
+    import scipy.sparse as sp
+
     if hasattr(chunk, "tocsr"):
         block = chunk.tocsr()
     elif hasattr(chunk, "to_scipy_sparse"):
