@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -294,9 +295,10 @@ WHAT = {"stats": "cluster statistics", "convert": "the parallel copy", "sample":
 def test_a_run_with_no_working_worker_ends_with_one_line(watched, tmp_path, monkeypatch, name, how):
     """Killing the last worker hung `stats` forever, and a worker paused at its memory limit
     (250 MB workers) hung every distributed path: each ends with one line now."""
-    monkeypatch.setattr(sys.modules["bigcat._scheduling"], "STALL_TIMEOUT", 3.0)
-    monkeypatch.setattr(sys.modules["bigcat.sample"], "BLOCK_NNZ", 2_000)  # many small tasks
-    monkeypatch.setattr(sys.modules["bigcat.mapping"], "QUERY_BLOCK_NNZ", 2_000)
+    # imported here when no earlier test has (bigcat's modules load lazily)
+    monkeypatch.setattr(importlib.import_module("bigcat._scheduling"), "STALL_TIMEOUT", 3.0)
+    monkeypatch.setattr(importlib.import_module("bigcat.sample"), "BLOCK_NNZ", 2_000)  # many small tasks
+    monkeypatch.setattr(importlib.import_module("bigcat.mapping"), "QUERY_BLOCK_NNZ", 2_000)
     # paused at once: the pause threshold is below what a worker process takes to start
     env = {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.01"} if how == "paused" else None
     processes = DaskProcesses(tmp_path, n_workers=1, threads=1, memory_limit="2GB", env=env)

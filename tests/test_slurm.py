@@ -6,6 +6,7 @@ cleans up with ``scancel``. Skipped only when no SLURM answers here; under CI it
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -144,7 +145,7 @@ def test_convert_and_sample_on_an_adaptive_cluster_use_every_worker(slurm, store
             copy = bigcat.convert(source, tmp_path / "copy.zarr", shard_values=100_000, client=client,
                                   progress=False)  # fmt: skip
         copies = Counter(t["worker"] for t in stream.data if "bigcat-copy" in str(t["key"]))
-        monkeypatch.setattr(sys.modules["bigcat.sample"], "BLOCK_NNZ", 500_000)  # 12 blocks instead of 1
+        monkeypatch.setattr(importlib.import_module("bigcat.sample"), "BLOCK_NNZ", 500_000)  # 12 blocks instead of 1
         with get_task_stream(client) as stream:
             bigcat.sample(copy, tmp_path / "sample.zarr", cells=0.5, seed=2, client=client, progress=False)
         samples = Counter(t["worker"] for t in stream.data if "_read_subset" in str(t["key"]))
