@@ -131,6 +131,7 @@ class _Group:
     acc: dict
     slots: list[tuple[np.ndarray, np.ndarray]]
     barrier: threading.Barrier
+    stop: threading.Event  # shared by every group: a thread failed, or the caller was interrupted
     canonical: dict = field(default_factory=dict)  # block position → its canonicalized arrays
 
 
@@ -155,10 +156,11 @@ def local_pass(
     mode = "rows" if settings.normalize else "aligned"
     try:
         return _pass(parts, out, edges, n_row_parts, n_cells, gene_map, settings, block_nnz, pool, mode, progress)
-    except _Unsorted:  # rows with unsorted indices: again, with blocks of whole rows, where they are summed
-        for values in out.values():
-            values.fill(0)
-        return _pass(parts, out, edges, n_row_parts, n_cells, gene_map, settings, block_nnz, pool, "rows", progress)
+    except _Unsorted:  # rows with unsorted indices: again (below, once the first pass' buffers are
+        pass  # free), with blocks of whole rows, where they are summed
+    for values in out.values():
+        values.fill(0)
+    return _pass(parts, out, edges, n_row_parts, n_cells, gene_map, settings, block_nnz, pool, "rows", progress)
 
 
 def _pass(
@@ -174,21 +176,31 @@ def _pass(
     x = [part.source.root()[part.source.element] for part in parts]  # type: ignore[union-attr]
     dtypes = (x[0]["data"].dtype, x[0]["indices"].dtype)
     groups = []
+    stop = threading.Event()
     for r in range(n_row_parts):
         # untouched pages: each thread zeroes its own cluster range (see bigcat.stats.tasks.zeros)
         acc = out if r == 0 else {name: small_pages(a.shape, a.dtype) for name, a in out.items()}
         n_slots = 1 if n_ranges == 1 else 2
         slots = [(pool.take(largest, dtypes[0]), pool.take(largest, dtypes[1])) for _ in range(n_slots)]
-        groups.append(_Group(blocks[r::n_row_parts], acc, slots, threading.Barrier(n_ranges)))
+        groups.append(_Group(blocks[r::n_row_parts], acc, slots, threading.Barrier(n_ranges), stop))
     failed: list[BaseException] = []
+
+    running = [n_row_parts * n_ranges]
+    lock, finished = threading.Lock(), threading.Event()
 
     def run(group: _Group, c: int) -> None:
         try:
             _walk(group, c, parts, x, edges, gene_map, settings, mode, progress)
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             failed.append(error)
+            stop.set()
             for g in groups:
                 g.barrier.abort()
+        finally:
+            with lock:
+                running[0] -= 1
+                if not running[0]:
+                    finished.set()
 
     threads = [
         threading.Thread(target=run, args=(group, c), name=f"bigcat-stats-{r}-{c}", daemon=True)
@@ -197,17 +209,18 @@ def _pass(
     ]
     for thread in threads:
         thread.start()
-    try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)
-    except BaseException:
-        failed.append(KeyboardInterrupt())
+    try:  # an event, not Thread.join: Ctrl-C during a join can leave a running thread marked stopped
+        while not finished.wait(0.2):
+            pass
+    except BaseException:  # Ctrl-C: every thread stops after its current block
+        stop.set()
         for g in groups:
             g.barrier.abort()
+        finished.wait()
+        raise
+    finally:
         for thread in threads:
             thread.join()
-        raise
     if failed:
         first = next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
         raise first
@@ -235,6 +248,8 @@ def _walk(
         _decode(blocks[0], c, parts, x, slots[0], mode)
     group.barrier.wait()
     for j, block in enumerate(blocks):
+        if group.stop.is_set():
+            return
         data, indices = slots[j % len(slots)]
         n = block.hi - block.lo
         arrays = (data[:n], indices[:n], block.indptr)
