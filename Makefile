@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks --scale S
 
 bench-full: $(STAMP)
-	$(BIN)/python -m benchmarks --scale S M L
+	$(BIN)/python -m benchmarks --scale S M
 
 clean:
 	rm -rf demo-data .pytest_cache .ruff_cache

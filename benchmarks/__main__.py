@@ -511,6 +511,99 @@ def run_stats(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict
     return "\n".join(lines), results
 
 
+def command_store(scale: str, k: int) -> tuple[Path, list[str]]:
+    """The store the command group reads, and how its labels are given. Dataset M (1M cells)
+    is synthesized straight to Zarr with 5,000 clusters (its .h5ad would take 19 GB of disk),
+    other cluster counts read as a labels table (cluster code mod ``k``) over the same store."""
+    if scale != "M":
+        store = DATA / (dataset(scale, k).stem + ".zarr")
+        if not store.exists():
+            measure([*BIGCAT, "convert", str(dataset(scale, k)), str(store), "--quiet"])
+        return store, ["--by", "cluster"]
+    size = SCALES[scale]
+    store = DATA / f"atlas-{scale}-{size['cells']}x{size['genes']}-5000cl.zarr"
+    if not store.exists():
+        print(f"generating {store.name} …", flush=True)
+        measure([*BIGCAT, "synth", str(store), "--cells", str(size["cells"]), "--genes", str(size["genes"]),
+                 "--clusters", "5000", "--seed", "0", "--quiet"])  # fmt: skip
+    if k == 5000:
+        return store, ["--by", "cluster"]
+    table = DATA / f"atlas-{scale}-labels-{k}cl.parquet"
+    if not table.exists():
+        import anndata as ad
+        import pandas as pd
+        import zarr
+
+        obs = ad.io.read_elem(zarr.open_group(store, mode="r")["obs"])
+        codes = obs["cluster"].cat.codes.to_numpy() % k
+        frame = pd.DataFrame({"cluster": pd.Categorical.from_codes(codes, [f"c{i}" for i in range(k)])}, obs.index)
+        frame.to_parquet(table)
+    return store, ["--labels", str(table), "--label-column", "cluster"]
+
+
+#: issue #22's baseline: peak RSS of the command before the local pass (2026-12-05, Intel Xeon)
+COMMAND_RSS_BEFORE = {50: 0.66 * 2**30, 5000: 5.07 * 2**30}
+
+
+def run_command(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, dict]:
+    """Issue #22: the command a user runs (`bigcat stats … --out`), against the streaming-decode
+    limit and the current scanpy (``SCANPY_PYTHON``, a Python ≥ 3.12 with scanpy 1.12; its
+    figures are quoted from the issue when it is absent), all in this run."""
+    results: dict = {}
+    lines = [
+        f"### The command a user runs, dataset {scale}: {SCALES[scale]['cells']:,} cells × {SCALES[scale]['genes']:,} "
+        "genes (issue #22; means, present, sqr_means; whole processes, warm page cache)",
+        "",
+        "| clusters | what | wall (median, min–max) | peak RSS |",
+        "|---|---|---|---|",
+    ]
+    for k in clusters:
+        store, labels = command_store(scale, k)
+        row: dict = {}
+        print(f"[{scale}/{k}] streaming decode ×{n_repeat}", flush=True)
+        row["stream"] = repeat([sys.executable, "-c", READ_STREAMING, str(store)], n_repeat)
+        for suffix in ("parquet", "zarr"):
+            print(f"[{scale}/{k}] bigcat stats --out stats.{suffix} ×{n_repeat}", flush=True)
+            out = DATA / f"command-{scale}-{k}.{suffix}"
+            row[suffix] = repeat([*BIGCAT, "stats", str(store), *labels, "--cluster", "threads", "--out", str(out),
+                                  "--overwrite", "--quiet"], n_repeat)  # fmt: skip
+        if os.environ.get("SCANPY_PYTHON") and scale != "M":  # 1M cells in memory: beyond this machine
+            print(f"[{scale}/{k}] scanpy (SCANPY_PYTHON) ×{n_repeat}", flush=True)
+            row["scanpy"] = repeat([os.environ["SCANPY_PYTHON"], "-c", STATS_SCANPY, str(store)], n_repeat)
+        results[k] = row
+
+        def line(name: str, m: dict, note: str = "", k: int = k) -> str:
+            wall = f"{m['wall']:.2f} s ({m['wall_min']:.2f}–{m['wall_max']:.2f})"
+            return f"| {k:,} | {name} | {wall}{note} | {gib(m['rss'])} |"
+
+        lines.append(line("read + decode every shard of X into reused buffers, all cores, no kernel (streaming "
+                          "limit proxy)", row["stream"]))  # fmt: skip
+        lines.append(line("`bigcat stats S.zarr --by cluster --cluster threads --out stats.parquet`", row["parquet"]))
+        lines.append(line("the same, `--out stats.zarr`", row["zarr"]))
+        if "scanpy" in row:
+            sc = row["scanpy"]
+            lines.append(line("scanpy.get.aggregate, current release (`SCANPY_PYTHON`), load + compute", sc,
+                              f"; load {parsed(sc, 0):.1f} s, **compute {parsed(sc, 1):.1f} s**"))  # fmt: skip
+    lines += ["", "Targets (issue #22, same run):", ""]
+    for k, row in results.items():
+        stream = row["stream"]["wall"]
+        against = parsed(row["scanpy"], 1) if "scanpy" in row else None
+        source = "this run"
+        for suffix in ("parquet", "zarr"):
+            cli, rss = row[suffix]["wall"], row[suffix]["rss_max"]
+            text = (
+                f"- {k:,} clusters, `--out stats.{suffix}`: command / streaming limit = **{cli / stream:.2f}×** "
+                f"(≤ 1.3×) {_ok(cli / stream <= 1.3)}; "
+            )
+            if against:
+                ratio = against / cli
+                text += f"scanpy compute ({source}) / command = **{ratio:.1f}×** (≥ 5×) {_ok(ratio >= 5)}; "
+            before = COMMAND_RSS_BEFORE.get(k)
+            text += f"peak RSS {gib(rss)}" + (f" (before: {gib(before)}) {_ok(rss <= before * 1.02)}" if before else "")
+            lines.append(text)
+    return "\n".join(lines), results
+
+
 READ_STORE = """
 import sys, time, json, zarr
 from bigcat._io.fs import zarr_store
@@ -1233,14 +1326,14 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument(
         "--only",
-        choices=["convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de", "mapmycells", "compat"],
+        choices=["convert", "stats", "command", "outputs", "s3", "scaling", "map", "knn", "de", "mapmycells", "compat"],
         help="Run one group of benchmarks.",
     )
     parser.add_argument("--clusters", nargs="+", type=int, default=[50, 5000], help="Cluster counts for stats.")
     parser.add_argument("--groupby", action="store_true", help="Also time the groupby engine (slow).")
     ARGS = parser.parse_args()
     DATA.mkdir(exist_ok=True)
-    groups = ("convert", "stats", "outputs", "s3", "scaling", "map", "knn", "de", "mapmycells", "compat")
+    groups = ("convert", "stats", "command", "outputs", "s3", "scaling", "map", "knn", "de", "mapmycells", "compat")
     sections: dict[str, list[str]] = {g: [] for g in groups}
 
     def record(group: str, name: str, text: str, results: object) -> None:
@@ -1251,6 +1344,7 @@ def main() -> None:
     per_scale = {
         "convert": lambda scale: run_scale(scale, ARGS.repeat),
         "stats": lambda scale: run_stats(scale, ARGS.repeat, ARGS.clusters),
+        "command": lambda scale: run_command(scale, ARGS.repeat, ARGS.clusters),
         "outputs": lambda scale: run_outputs(scale, ARGS.repeat, max(ARGS.clusters)),
         "s3": lambda scale: run_s3(scale, ARGS.repeat),
     }

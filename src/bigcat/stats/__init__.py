@@ -9,8 +9,9 @@ disjoint cells exactly; :func:`read_stats` and :func:`write_stats` move them to 
 - :mod:`~bigcat.stats.inputs` and :mod:`~bigcat.stats.labels`: the inputs as parts, cluster
   labels as codes, cell and gene selections;
 - :mod:`~bigcat.stats.plan`: block sizes and the R × C decomposition of the accumulators;
-- :mod:`~bigcat.stats.blocks` (the compiled single-pass engine) and
-  :mod:`~bigcat.stats.groupby` (xarray + flox, the reference);
+- :mod:`~bigcat.stats.blocks` (the compiled single-pass engine: a Dask graph on a cluster,
+  :mod:`~bigcat.stats.local`'s threads in this process) and :mod:`~bigcat.stats.groupby`
+  (xarray + flox, the reference);
 - :mod:`~bigcat.stats.lazy`: the float32 statistics computed from the accumulators when read;
 - :mod:`~bigcat.stats.api` and :mod:`~bigcat.stats.formats`: the public functions;
 - :mod:`~bigcat.stats.rollup`: statistics of a taxonomy's coarser levels, by adding accumulators.

@@ -2,8 +2,9 @@
 
 :func:`cluster_stats` is the heart of bigcat. The default ``blocks`` engine runs a
 compiled kernel (:mod:`bigcat.kernels`) over row blocks of the sparse matrix as Dask
-tasks: a single pass over each block's stored values accumulates every requested
-statistic; nothing is densified.
+tasks — or, for files read in this process without a client, on threads of its own
+(:mod:`bigcat.stats.local`, the same decomposition without a graph): a single pass over
+each block's stored values accumulates every requested statistic; nothing is densified.
 
 Memory is bounded by a 2-D decomposition of the accumulator instead of one partial per
 block (which at 5,000 clusters × 32,285 genes would be 1.3 GB *per statistic per block*):
