@@ -590,7 +590,8 @@ def render_command(scale: str, results: dict) -> str:
 
         lines.append(line("read + decode every shard of X into reused buffers, all cores, no kernel (streaming "
                           "limit proxy)", row["stream"]))  # fmt: skip
-        lines.append(line("`bigcat stats STORE.zarr --by cluster --cluster threads --out stats.parquet`", row["parquet"]))
+        command = "`bigcat stats STORE.zarr --by cluster --cluster threads --out stats.parquet`"
+        lines.append(line(command, row["parquet"]))
         lines.append(line("the same, `--out stats.zarr`", row["zarr"]))
         if "scanpy" in row:
             sc = row["scanpy"]
