@@ -442,6 +442,26 @@ def test_outputs(stores, atlas, tmp_path, suffix):
         write_stats(result, path)
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_long_table_built_and_encoded_piece_by_piece(stores, tmp_path, monkeypatch, suffix):
+    """Pieces of 5 clusters (the 12 clusters in 3 pieces, the last one short) come back whole
+    and in order, while each is encoded on a thread as the next is built."""
+    from bigcat.stats import formats
+
+    result = cluster_stats(stores["sparse"], stats="means,present,sqr_means")
+    n_clusters, n_genes = result.sizes["cluster"], result.sizes["gene"]
+    assert n_clusters == 12
+    monkeypatch.setattr(formats, "LONG_PIECE_VALUES", 5 * n_genes)
+    path = write_stats(result, tmp_path / f"stats{suffix}")[0]
+    table = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+    clusters = np.asarray(result["cluster"].values).astype(str)
+    np.testing.assert_array_equal(table["cluster"].astype(str), np.repeat(clusters, n_genes))
+    np.testing.assert_array_equal(table["gene"].astype(str), np.tile(result["gene"].values.astype(str), n_clusters))
+    np.testing.assert_array_equal(table["n_cells"], np.repeat(result["n_cells"].values, n_genes))
+    for name in ("means", "present", "sqr_means", "sums"):
+        np.testing.assert_allclose(table[name], result[name].values.reshape(-1), rtol=1e-6, err_msg=name)
+
+
 def test_wide_tables(stores, tmp_path):
     result = cluster_stats(stores["sparse"], stats="means,present")
     written = write_stats(result, tmp_path / "stats.parquet", wide=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -433,6 +434,10 @@ def _write_wide(ds: Any, path: Any, target: _Target) -> list:
     return written
 
 
+#: cluster × gene rows of the long table built (and encoded) at a time
+LONG_PIECE_VALUES = 1 << 22
+
+
 def _write_long(ds: Any, path: Any, target: _Target) -> list:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -441,10 +446,12 @@ def _write_long(ds: Any, path: Any, target: _Target) -> list:
 
     parquet = fs.suffix_of(path) == ".parquet"
     attrs_json = json.dumps({k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))})
-    step = max(1, (1 << 22) // max(ds.sizes["gene"], 1))
+    step = max(1, LONG_PIECE_VALUES // max(ds.sizes["gene"], 1))
     names = {axis: pa.array(np.asarray(ds[axis].values).astype(str)) for axis in ("cluster", "gene")}
-    with target.publish(path) as tmp:
+    with target.publish(path) as tmp, ThreadPoolExecutor(1, thread_name_prefix="bigcat-table") as encoding:
+        # each piece is encoded on a thread of its own (Arrow releases the GIL) while the next is built
         writer: Any = None
+        pending: Any = None
         for lo in [*range(0, ds.sizes["cluster"], step)] or [0]:
             table = _long_arrow(ds, slice(lo, lo + step), names)
             if writer is None:
@@ -460,7 +467,11 @@ def _write_long(ds: Any, path: Any, target: _Target) -> list:
                     )  # fmt: skip
                 else:
                     writer = _table_writer(path, tmp, table.schema)
-            writer.write_table(table)
+            if pending is not None:
+                pending.result()
+            pending = encoding.submit(writer.write_table, table)
+        if pending is not None:
+            pending.result()
         if parquet:  # the attributes travel in the file's metadata (CSV has nowhere to keep them)
             writer.add_key_value_metadata({"bigcat": attrs_json})
         writer.close()
