@@ -230,3 +230,17 @@ def test_ctrl_c_stops_every_thread_after_its_block(small_chunks, monkeypatch, sh
     ((_, blocks),) = plans
     assert len(blocks) > 40
     assert len(calls) <= 2 + 2 * shape[1]  # each thread finished at most the block it was folding
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 2)])
+def test_h5ad_pieces_read_on_several_threads(atlas_h5ad, atlas, monkeypatch, shape):
+    """An .h5ad (h5py serializes its reads) in blocks of whole rows (no storage chunks to cut
+    at), pieces read by several threads: the oracle's statistics."""
+    monkeypatch.setattr(blocks_module, "_decompose", lambda *_: shape)
+    plans = _spy_plans(monkeypatch)
+    result = cluster_stats(atlas_h5ad, stats=ALL, block_nnz=20_000)
+    check(result, oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy()))
+    ((mode, blocks),) = plans
+    assert mode == "aligned"
+    assert all(b.whole_rows for b in blocks)
+    assert len(blocks) > 10
