@@ -305,22 +305,26 @@ def _row_starts(indptr: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return indptr[row] == positions
 
 
+def _descends_across(starts: np.ndarray, stops: np.ndarray, ends: np.ndarray, indptr: np.ndarray) -> bool:
+    """Whether a row continues from one piece (elements ``starts:stops``, in ``indptr``'s
+    coordinates) into the next without its index increasing there (``ends``: each piece's
+    first and last index); empty pieces and gaps between pieces (skipped blocks) are passed over."""
+    keep = stops > starts
+    starts, stops, ends = starts[keep], stops[keep], ends[keep]
+    if len(starts) < 2:
+        return False
+    joined = starts[1:] == stops[:-1]
+    inside = ~_row_starts(indptr, starts[1:])  # a row continues across the edge
+    return bool((joined & inside & (ends[:-1, 1] >= ends[1:, 0])).any())
+
+
 def _block_sorted(block: _Block) -> bool:
     """In ``rows`` mode, after the decodes: every piece sorted and no row descending across
     the pieces' edges (a piece that found a descent records first > last)."""
-    ends = block.ends
-    if (ends[:, 0] == np.iinfo(np.int64).max).any():
+    if (block.ends[:, 0] == np.iinfo(np.int64).max).any():
         return False
-    inner = block.pieces[1:-1]
-    full = ends[:, 0] >= 0
-    for i, edge in enumerate(inner.tolist()):
-        if not (full[i] and full[i + 1]):
-            continue
-        starts = np.searchsorted(block.indptr, edge - block.lo, side="left")
-        at_start = starts < len(block.indptr) and block.indptr[starts] == edge - block.lo
-        if not at_start and ends[i, 1] >= ends[i + 1, 0]:
-            return False
-    return True
+    pieces = block.pieces - block.lo
+    return not _descends_across(pieces[:-1], pieces[1:], block.ends, block.indptr)
 
 
 def _edges_sorted(blocks: list[_Block], parts: list[_Part]) -> bool:
@@ -332,14 +336,8 @@ def _edges_sorted(blocks: list[_Block], parts: list[_Part]) -> bool:
         starts = np.concatenate([b.pieces[:-1] for b in mine])
         stops = np.concatenate([b.pieces[1:] for b in mine])
         ends = np.concatenate([b.ends for b in mine])
-        keep = stops > starts
-        starts, stops, ends = starts[keep], stops[keep], ends[keep]
-        if len(starts) < 2:
-            continue
         indptr = np.asarray(part.source.indptr, dtype=np.int64)  # type: ignore[union-attr]
-        joined = starts[1:] == stops[:-1]  # consecutive pieces (skipped blocks leave gaps)
-        inside = ~_row_starts(indptr, starts[1:])  # a row continues across the edge
-        if (joined & inside & (ends[:-1, 1] >= ends[1:, 0])).any():
+        if _descends_across(starts, stops, ends, indptr):
             return False
     return True
 
