@@ -118,6 +118,7 @@ def test_stats_command_outputs_and_merge(tmp_path):
     out = tmp_path / "s.parquet"
     done = bigcat("stats", tmp_path / "a.h5ad", "--by", "cluster", "--stats", "means,nnz", "--out", out)
     assert done.returncode == 0, done.stderr
+    assert "Dask dashboard" not in done.stderr  # a CSR file: the pass runs on this process' threads
     import pandas as pd
 
     table = pd.read_parquet(tmp_path / "s.parquet")
@@ -136,6 +137,14 @@ def test_stats_command_outputs_and_merge(tmp_path):
     assert done.returncode == 0, done.stderr
     merged = pd.read_csv(tmp_path / "m.csv")
     np.testing.assert_allclose(merged["means"].to_numpy(), table["means"].to_numpy(), rtol=1e-5)
+    # a CSC input runs as a Dask graph: by default on a local cluster, whose dashboard is shown
+    csc = src.copy()
+    csc.X = csc.X.tocsc()
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    done = bigcat("stats", tmp_path / "csc.h5ad", "--stats", "means,nnz", "--out", tmp_path / "csc.parquet")
+    assert done.returncode == 0, done.stderr
+    assert "Dask dashboard: http://" in done.stderr
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "csc.parquet")["means"], table["means"], rtol=1e-5)
     # bad input: one line, exit 2, nothing written
     done = bigcat("stats", tmp_path / "a.h5ad", "--by", "nope", "--out", tmp_path / "bad.parquet")
     assert done.returncode == 2

@@ -21,6 +21,7 @@ import zarr
 
 import bigcat
 from bigcat.cluster import Capacity
+from bigcat.errors import InputNotFoundError
 from bigcat.stats import STATISTICS, cluster_stats
 from bigcat.stats import blocks as blocks_module
 from bigcat.stats import local as local_module
@@ -244,3 +245,17 @@ def test_h5ad_pieces_read_on_several_threads(atlas_h5ad, atlas, monkeypatch, sha
     assert mode == "aligned"
     assert all(b.whole_rows for b in blocks)
     assert len(blocks) > 10
+
+
+def test_runs_in_process_says_which_inputs_need_no_graph(small_chunks, atlas_h5ad, encodings, tmp_path, monkeypatch):
+    assert bigcat.stats.runs_in_process(small_chunks)
+    assert bigcat.stats.runs_in_process([str(small_chunks), atlas_h5ad])  # a store and a file of one dtype
+    assert not bigcat.stats.runs_in_process(small_chunks, engine="groupby")
+    assert not bigcat.stats.runs_in_process(bigcat.open_dataset(small_chunks))  # Datasets: cluster_stats decides
+    assert not bigcat.stats.runs_in_process(encodings["csc"])  # transposed through the graph
+    assert not bigcat.stats.runs_in_process(encodings["bigendian"])
+    assert not bigcat.stats.runs_in_process([atlas_h5ad, encodings["int64"]])  # read buffers of one dtype
+    with pytest.raises(InputNotFoundError, match="missing.zarr"):  # said before any cluster is started
+        bigcat.stats.runs_in_process(tmp_path / "missing.zarr")
+    monkeypatch.setattr(blocks_module, "LOCAL", False)
+    assert not bigcat.stats.runs_in_process(small_chunks)

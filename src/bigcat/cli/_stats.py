@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -27,6 +28,15 @@ from bigcat.cli._app import (
 )
 
 __all__ = ["map_", "markers_", "plot_dotplot", "plot_heatmap", "stats"]
+
+StatsClusterSpec = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--cluster",
+        help="threads, local, sync, tcp://HOST:PORT or cluster.yaml (default: $DASK_SCHEDULER_ADDRESS; else "
+        "threads when the pass runs in this process without a graph — CSR inputs, the blocks engine — else local).",
+    ),
+]
 
 Inputs = Annotated[Optional[list[str]], typer.Argument(help="IN.zarr|IN.h5ad … (statistics accumulate)")]  # noqa: UP045
 By = Annotated[str, typer.Option("--by", help="obs column with the cluster labels.")]
@@ -101,7 +111,7 @@ def stats(
     wide: Wide = False,
     merge: Merge = False,
     allow_duplicates: AllowDuplicates = False,
-    cluster: ClusterSpec = None,
+    cluster: StatsClusterSpec = None,
     idle_timeout: IdleTimeout = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -134,6 +144,12 @@ def stats(
             raise BigcatInputError(msg)
         result = merge_stats(inputs, storage_options=options, allow_repeats=allow_duplicates)
     else:
+        if cluster is None and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+            from bigcat.stats import runs_in_process
+
+            # a pass without a graph: no scheduler to start (its dashboard would show nothing)
+            if runs_in_process(list(inputs), engine=engine, storage_options=options):
+                cluster = "threads"
         with connect(cluster, idle_timeout=idle_timeout) as client:
             _dashboard(client)
             if out_format:

@@ -17,7 +17,7 @@ disjoint cells exactly; :func:`read_stats` and :func:`write_stats` move them to 
 - :mod:`~bigcat.stats.rollup`: statistics of a taxonomy's coarser levels, by adding accumulators.
 """
 
-from bigcat.stats.api import cluster_stats, merge_stats
+from bigcat.stats.api import cluster_stats, merge_stats, runs_in_process
 from bigcat.stats.formats import read_stats, write_stats
 from bigcat.stats.rollup import rollup
 from bigcat.stats.statistics import (
@@ -38,5 +38,6 @@ __all__ = [
     "present_test_name",
     "read_stats",
     "rollup",
+    "runs_in_process",
     "write_stats",
 ]

@@ -34,7 +34,7 @@ from bigcat.stats.inputs import _Part
 from bigcat.stats.statistics import _Settings
 from bigcat.stats.tasks import _finalize_task, _fold_task, _init_task
 
-__all__ = ["local_pass", "supports"]
+__all__ = ["local_pass", "supports", "supports_sources"]
 
 log = logging.getLogger("bigcat")
 
@@ -42,9 +42,14 @@ log = logging.getLogger("bigcat")
 def supports(parts: list[_Part]) -> bool:
     """Whether every input is a CSR file whose arrays read in native byte order, all with the
     same dtypes (the read buffers are shared)."""
+    return supports_sources([part.source for part in parts])
+
+
+def supports_sources(sources: list[Any]) -> bool:
+    """:func:`supports` for the inputs' :class:`~bigcat._io.source.MatrixSource` (``None``:
+    an input read through Dask)."""
     dtypes = set()
-    for part in parts:
-        source = part.source
+    for source in sources:
         if source is None or source.encoding != "csr":
             return False
         x = source.root()[source.element]
