@@ -164,3 +164,33 @@ def test_a_lazily_read_result_is_written_whole(small, tmp_path):
     np.testing.assert_array_equal(back["n_cells"].values, stats["n_cells"].values[1:4])
     np.testing.assert_allclose(back["sums"].values, stats["sums"].values[1:4])
     assert (back["n_cells"].values > 0).all()
+
+
+def test_a_statistics_store_is_declared_as_xarray_declares_it(small, tmp_path):
+    """The matrices are declared without xarray (no Dask array each); their metadata must be
+    what xarray itself writes for the same Dataset and encoding, and xarray must read them."""
+    import json
+
+    import xarray as xr
+    from zarr.codecs import BloscCodec
+
+    from bigcat.stats.formats import STATS_CODEC
+
+    stats = bigcat.cluster_stats(small, stats="means,present,vars", progress=False)
+    bigcat.write_stats(stats, tmp_path / "ours.zarr")
+    reference = stats.load().copy()
+    for name in ("cluster", "gene"):
+        reference = reference.assign_coords({name: reference[name].values.astype(str)})
+    matrices = [n for n, v in reference.data_vars.items() if v.dims == ("cluster", "gene")]
+    assert {"means", "present", "vars", "sums", "sqr_sums", "present_counts"} <= set(matrices)
+    chunks = (stats.sizes["cluster"], stats.sizes["gene"])
+    codec = BloscCodec(shuffle="bitshuffle", **STATS_CODEC)
+    encoding = {n: {"chunks": chunks, "compressors": [codec]} for n in matrices}
+    reference.to_zarr(tmp_path / "xarray.zarr", encoding=encoding, consolidated=True)
+    for name in reference.variables:
+        ours = json.loads((tmp_path / "ours.zarr" / name / "zarr.json").read_text())
+        theirs = json.loads((tmp_path / "xarray.zarr" / name / "zarr.json").read_text())
+        assert ours == theirs, name
+    back = xr.open_zarr(tmp_path / "ours.zarr")
+    xr.testing.assert_identical(back.drop_attrs().load(), xr.open_zarr(tmp_path / "xarray.zarr").drop_attrs().load())
+    np.testing.assert_array_equal(back["means"].values, stats["means"].values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import warnings
@@ -168,38 +169,43 @@ STATS_CHUNK_BYTES = 8 << 20
 #: barely compress, and LZ4 level 1 with bit shuffle encodes them fastest of the settings
 #: measured (docs/design.md)
 STATS_CODEC: dict[str, Any] = {"cname": "lz4", "clevel": 1}
+#: xarray's ``_FillValue`` attribute of float arrays in Zarr v3: NaN as float64 bytes, base64
+NAN_FILL = base64.b64encode(np.float64(np.nan).tobytes()).decode()
 
 
 def _write_stats_zarr(ds: Any, store: Any) -> None:
     """The Dataset as a Zarr store; its clusters × genes matrices encoded on every core.
 
-    xarray writes the coordinates and every array's metadata (chunks of rows of clusters
-    × all genes, Blosc LZ4 with bit shuffle); the matrices' chunks are
-    then computed (a slab of a lazy statistic at a time, never a float64 temporary of
-    full size), encoded and stored by a thread pool (NumPy, Blosc and file writes release
-    the GIL). xarray handing whole NumPy arrays to zarr encodes them on one thread, with
-    zarr's default Zstandard and small chunks (docs/design.md, "Writing results").
+    xarray writes the coordinates and the small variables; the matrices are declared as
+    xarray declares them (chunks of rows of clusters × all genes, Blosc LZ4 with bit
+    shuffle, the dimension names, a NaN ``_FillValue`` for floats), without a Dask array per
+    matrix (importing Dask for them cost 0.25 s of every command); their chunks are then
+    computed (a slab of a lazy statistic at a time, never a float64 temporary of full size),
+    encoded and stored by a thread pool (NumPy, Blosc and file writes release the GIL).
+    xarray handing whole NumPy arrays to zarr encodes them on one thread, with zarr's
+    default Zstandard and small chunks (docs/design.md, "Writing results"). The caller
+    consolidates the metadata.
     """
-    import dask.array as da
+    import zarr
     from zarr.codecs import BloscCodec
 
     matrices = [n for n, v in ds.data_vars.items() if v.dims == ("cluster", "gene")]
     n_clusters, n_genes = ds.sizes["cluster"], ds.sizes["gene"]
     rows = int(max(1, min(n_clusters, STATS_CHUNK_BYTES // max(8 * n_genes, 1))))
-    skeleton = ds.copy()
-    for name, variable in ds.variables.items():  # small arrays (n_cells, names…) now: a lazily read result
-        if name not in matrices and variable.chunks is not None:  # would leave them to compute=False, unwritten
+    skeleton = ds.drop_vars(matrices)
+    for name, variable in skeleton.variables.items():  # small arrays (n_cells, names…) of a lazily read result
+        if variable.chunks is not None:
             skeleton[name] = variable.load()
-    encoding = {}
+    skeleton.to_zarr(store, mode="w-", consolidated=False)
+    root = zarr.open_group(store, mode="r+")
     for name in matrices:
-        dtype = ds[name].dtype
-        skeleton[name] = (("cluster", "gene"), da.zeros((n_clusters, n_genes), dtype=dtype, chunks=(rows, n_genes)))
-        skeleton[name].attrs = ds[name].attrs
-        encoding[name] = {
-            "chunks": (rows, n_genes),
-            "compressors": [BloscCodec(shuffle="bitshuffle", **STATS_CODEC)],
-        }
-    skeleton.to_zarr(store, mode="w-", consolidated=True, encoding=encoding, compute=False)
+        dtype = np.dtype(ds[name].dtype)
+        floating = dtype.kind == "f"
+        root.create_array(
+            name, shape=(n_clusters, n_genes), dtype=dtype, chunks=(rows, n_genes), dimension_names=("cluster", "gene"),
+            compressors=[BloscCodec(shuffle="bitshuffle", **STATS_CODEC)], fill_value=np.nan if floating else 0,
+            attributes={**ds[name].attrs, **({"_FillValue": NAN_FILL} if floating else {})},
+        )  # fmt: skip
     _store_chunks(ds, store, matrices, rows)
 
 
@@ -350,6 +356,7 @@ def _matrices(ds: Any) -> list[str]:
 
 
 def _write_zarr(ds: Any, path: Any, target: _Target) -> list:
+    import xarray as xr
     import zarr
     from zarr.errors import UnstableSpecificationWarning
 
@@ -358,8 +365,9 @@ def _write_zarr(ds: Any, path: Any, target: _Target) -> list:
     with target.publish(path) as tmp:
         out = ds.copy()
         for name in ("cluster", "gene"):
-            if out[name].dtype == object:
-                out = out.assign_coords({name: out[name].values.astype(str)})
+            if out[name].dtype == object:  # fixed-length strings, as a Variable: from an array xarray
+                # would import dask.array to ask whether it is one (0.25 s)
+                out = out.assign_coords({name: xr.Variable((name,), out[name].values.astype(str), fastpath=True)})
         out.attrs["bigcat"] = {"complete": False, "layout": "stats", "format_version": 1}
         store = fs.zarr_store(tmp, target.storage_options, read_only=False)
         with warnings.catch_warnings():
