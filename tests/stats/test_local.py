@@ -135,8 +135,10 @@ def test_unsorted_rows_start_the_pass_again_on_whole_rows(small_chunks, atlas, t
     monkeypatch.setattr(blocks_module, "_decompose", lambda *_: (1, 2))
     plans = _spy_plans(monkeypatch)
     caplog.set_level(logging.WARNING, logger="bigcat")
-    # blocks of 4 chunks: 8 × 4,096 is a block edge, 6 × 4,096 the edge of a block's two pieces
-    result = cluster_stats(store, stats=ALL, block_nnz=4 * CHUNK)
+    # blocks of 4 chunks (a group of two threads reads blocks of twice block_nnz): 8 × 4,096 is
+    # a block edge, 6 × 4,096 the edge of a block's two pieces
+    result = cluster_stats(store, stats=ALL, block_nnz=2 * CHUNK)
+    assert all(b.hi - b.lo == 4 * CHUNK for b in plans[0][1][:-1])
     check(result, oracle(matrix.toarray(), atlas.obs["cluster"].to_numpy()))
     assert [mode for mode, _ in plans] == ["aligned", "rows"]
     if where == "piece edge":
@@ -255,7 +257,7 @@ def test_runs_in_process_says_which_inputs_need_no_graph(small_chunks, atlas_h5a
     assert not bigcat.stats.runs_in_process(encodings["csc"])  # transposed through the graph
     assert not bigcat.stats.runs_in_process(encodings["bigendian"])
     assert not bigcat.stats.runs_in_process([atlas_h5ad, encodings["int64"]])  # read buffers of one dtype
-    with pytest.raises(InputNotFoundError, match="missing.zarr"):  # said before any cluster is started
+    with pytest.raises(InputNotFoundError, match=r"missing\.zarr"):  # said before any cluster is started
         bigcat.stats.runs_in_process(tmp_path / "missing.zarr")
     monkeypatch.setattr(blocks_module, "LOCAL", False)
     assert not bigcat.stats.runs_in_process(small_chunks)

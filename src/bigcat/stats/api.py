@@ -125,7 +125,9 @@ def cluster_stats(
         block's visit sweeps most of the accumulators' memory, so with thousands of
         clusters fewer, larger blocks mean fewer sweeps; the two blocks in flight then take
         about the memory the float32 statistics are built in afterwards
-        (``docs/design.md``, "The decomposition").
+        (``docs/design.md``, "The decomposition"). The pass in this process reads files in
+        blocks of twice this many values when several threads share an accumulator (one
+        block in flight per accumulator instead of two).
     progress
         Show a progress bar (``None``: only on a terminal).
     storage_options

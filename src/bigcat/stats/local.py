@@ -7,12 +7,16 @@ form ``R`` groups of ``C`` (the decomposition of :mod:`bigcat.stats.blocks`: ``R
 partitions, each with its own accumulator, × ``C`` cluster ranges); a group walks its
 blocks in step:
 
-- every thread of the group decodes a ``1/C`` piece of the next block (data and indices,
-  cut at storage-chunk boundaries) and checks its indices, while
-- it folds the current block into its own cluster range; then the group meets at a barrier.
+- every thread of the group folds the current block into its own cluster range; the group
+  meets at a barrier;
+- every thread decodes a ``1/C`` piece of the next block (data and indices, cut at
+  storage-chunk boundaries) into the same buffers and checks its indices; the group meets again.
 
-So decoding runs on every core, overlapped with the folds, each storage chunk is decoded
-exactly once, and at most two blocks per group are in memory. Blocks are element ranges
+So decoding and folding both run on every core, each storage chunk is decoded exactly once,
+and one block per group is in memory: a group of several threads reads blocks of twice
+``block_nnz`` values (the memory of the two blocks a decode overlapped with the folds would
+hold), so that the accumulators — swept once per block at thousands of clusters — are swept
+half as often: dataset M at 5,000 clusters 17.5 → 15.1–15.6 s (docs/design.md). Blocks are element ranges
 of X (``aligned`` mode): a row may continue into the next block, which the statistics do not
 mind — every accumulator adds value by value — except log2 CPM, which needs each row's
 total, and unsorted rows, whose duplicates must be summed first; those run with blocks cut
@@ -134,7 +138,7 @@ class _Group:
 
     blocks: list[_Block]
     acc: dict
-    slots: list[tuple[np.ndarray, np.ndarray]]
+    slot: tuple[np.ndarray, np.ndarray]  # the read buffers (data, indices)
     barrier: threading.Barrier
     stop: threading.Event  # shared by every group: a thread failed, or the caller was interrupted
     canonical: dict = field(default_factory=dict)  # block position → its canonicalized arrays
@@ -173,7 +177,7 @@ def _pass(
     settings: _Settings, block_nnz: int, pool: Any, mode: str, progress: Any,
 ) -> int:  # fmt: skip
     n_ranges = len(edges) - 1
-    blocks = _plan(parts, block_nnz, n_ranges, mode)
+    blocks = _plan(parts, block_nnz * (2 if n_ranges > 1 else 1), n_ranges, mode)
     if progress is not None:
         progress.reset(total=len(blocks))
     n_row_parts = max(1, min(n_row_parts, len(blocks)))
@@ -185,9 +189,8 @@ def _pass(
     for r in range(n_row_parts):
         # untouched pages: each thread zeroes its own cluster range (see bigcat.stats.tasks.zeros)
         acc = out if r == 0 else {name: small_pages(a.shape, a.dtype) for name, a in out.items()}
-        n_slots = 1 if n_ranges == 1 else 2
-        slots = [(pool.take(largest, dtypes[0]), pool.take(largest, dtypes[1])) for _ in range(n_slots)]
-        groups.append(_Group(blocks[r::n_row_parts], acc, slots, threading.Barrier(n_ranges), stop))
+        slot = (pool.take(largest, dtypes[0]), pool.take(largest, dtypes[1]))
+        groups.append(_Group(blocks[r::n_row_parts], acc, slot, threading.Barrier(n_ranges), stop))
     failed: list[BaseException] = []
 
     running = [n_row_parts * n_ranges]
@@ -248,36 +251,33 @@ def _walk(
     current block and decode its piece of the next."""
     lo_c, hi_c = int(edges[c]), int(edges[c + 1])
     views = _init_task(settings, hi_c - lo_c, 0, {name: a[lo_c:hi_c] for name, a in group.acc.items()})
-    blocks, slots = group.blocks, group.slots
+    blocks, slot = group.blocks, group.slot
     # this thread's share of the read buffers' fresh pages, in one system call each: faulted
     # in one by one by the decoder they cost several times more on a VM (0.85 s of a 5.4 s
-    # run at 5,000 clusters, whose two buffers are 2 GB; docs/design.md)
+    # run at 5,000 clusters, whose buffers are 2 GB; docs/design.md)
     n_threads = group.barrier.parties
-    for buffer in (b for slot in slots for b in slot):
+    for buffer in slot:
         prefault(buffer[len(buffer) * c // n_threads : len(buffer) * (c + 1) // n_threads])
     if blocks:
-        _decode(blocks[0], c, parts, x, slots[0], mode)
+        _decode(blocks[0], c, parts, x, slot, mode)
     group.barrier.wait()
     for j, block in enumerate(blocks):
         if group.stop.is_set():
             return
-        data, indices = slots[j % len(slots)]
         n = block.hi - block.lo
-        arrays = (data[:n], indices[:n], block.indptr)
+        arrays = (slot[0][:n], slot[1][:n], block.indptr)
         if mode == "rows" and not _block_sorted(block):
             if c == 0:
                 group.canonical[j] = _canonical(parts[block.part], block, arrays)
             group.barrier.wait()
             arrays = group.canonical[j]
-        if len(slots) == 1:  # one thread per group: fold, then decode the next into the same buffers
-            _fold(views, block, arrays, gene_map, settings, lo_c, hi_c)
-            if j + 1 < len(blocks):
-                _decode(blocks[j + 1], c, parts, x, slots[0], mode)
-        else:
-            if j + 1 < len(blocks):
-                _decode(blocks[j + 1], c, parts, x, slots[(j + 1) % len(slots)], mode)
-            _fold(views, block, arrays, gene_map, settings, lo_c, hi_c)
-            group.barrier.wait()
+        _fold(views, block, arrays, gene_map, settings, lo_c, hi_c)
+        if j + 1 < len(blocks):
+            if n_threads > 1:  # every fold is done with the buffers before they are overwritten
+                group.barrier.wait()
+            _decode(blocks[j + 1], c, parts, x, slot, mode)
+            if n_threads > 1:  # and the next block is whole before anyone folds it
+                group.barrier.wait()
         if c == 0:
             group.canonical.pop(j, None)
         if progress is not None and c == 0:
