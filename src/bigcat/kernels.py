@@ -30,7 +30,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["check_compressed", "check_shard", "fold_csc", "fold_csr", "is_identity", "row_sums_csr"]
+__all__ = ["check_compressed", "check_shard", "fold_csc", "fold_csr", "is_identity", "narrow_into", "row_sums_csr"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -351,3 +351,22 @@ def check_shard(indices, row_starts, bound):
         if k > 0 and unsorted < 0 and j <= indices[k - 1] and not (s < row_starts.size and row_starts[s] == k):
             unsorted = k
     return -1, unsorted
+
+
+@numba.njit(nogil=True, cache=True)
+def narrow_into(src, dst, lo, hi):
+    """Copy the integers ``src`` into ``dst`` (a narrower integer dtype whose range is
+    ``[lo, hi]``). Returns the position of the first value outside that range (``dst`` then
+    holds truncated values), ``-1`` when every value fits: one branch-free pass the compiler
+    vectorizes, a second only when a value does not fit."""
+    bad = False
+    for k in range(src.size):
+        v = src[k]
+        bad |= (v < lo) | (v > hi)
+        dst[k] = v
+    if not bad:
+        return -1
+    for k in range(src.size):
+        if src[k] < lo or src[k] > hi:
+            return k
+    return -1

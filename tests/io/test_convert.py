@@ -169,6 +169,41 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
         ShardReader.for_array(array).read(0, 4000, np.empty(4000, np.float32))
 
 
+@pytest.mark.parametrize(("stored", "narrow"), [(np.int64, np.uint16), (np.int32, np.uint16), (np.int64, np.int32)])
+def test_shard_reader_narrows_integers_as_it_decodes(tmp_path, stored, narrow):
+    """Column indices are read into a narrower dtype chunk by chunk (each decoded into a
+    reused buffer): every range equals zarr's values; a value that does not fit is named."""
+    import zarr
+
+    from bigcat._io.layout import sparse_compressors
+    from bigcat._io.shards import DoesNotFit, ShardReader
+
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 32_285, 10_500).astype(stored)
+    group = zarr.open_group(tmp_path / "x.zarr", mode="w", zarr_format=3)
+    kwargs = {"dtype": stored, "chunks": (1000,), "shards": (4000,), "compressors": sparse_compressors()}
+    array = group.create_array("a", shape=values.shape, fill_value=0, **kwargs)
+    array[:] = values
+    reader = ShardReader.for_array(array)
+    assert reader is not None
+    ranges = [(0, 1), (0, 1000), (999, 1001), (3999, 4001), (0, 10_500), (8000, 10_500), (10_499, 10_500), (5, 5)]
+    ranges += [tuple(sorted(rng.integers(0, 10_501, 2))) for _ in range(20)]
+    for lo, hi in ranges:
+        out = np.full(hi - lo, 7, dtype=narrow)
+        reader.read(lo, hi, out)
+        np.testing.assert_array_equal(out, values[lo:hi])
+    big = np.iinfo(narrow).max + 1
+    array[2500] = big  # (a shard rewritten: a new reader, which reads its new index)
+    with pytest.raises(DoesNotFit) as caught:
+        ShardReader.for_array(array).read(2000, 4000, np.empty(2000, dtype=narrow))
+    assert (caught.value.position, caught.value.value) == (2500, big)
+    if np.dtype(narrow).kind == "i":
+        return
+    array[2500] = -3  # below an unsigned dtype's range
+    with pytest.raises(DoesNotFit, match="element 2500 = -3"):
+        ShardReader.for_array(array).read(2000, 4000, np.empty(2000, dtype=narrow))
+
+
 @pytest.mark.parametrize("version", ["v0.5.0", "v0.7.0", "v0.7.8"])
 @pytest.mark.parametrize("layout", ["sparse", "dense"])
 def test_old_anndata_files_convert(version, layout, tmp_path):

@@ -151,19 +151,26 @@ def test_unsorted_rows_start_the_pass_again_on_whole_rows(small_chunks, atlas, t
         np.testing.assert_array_equal(result[name].values, graph[name].values, err_msg=name)
 
 
-def test_out_of_range_index_names_the_element(small_chunks, tmp_path, monkeypatch):
+@pytest.mark.parametrize("value", [1_000_000, 60_000, -1])  # beyond uint16, beyond the genes, negative
+def test_out_of_range_index_names_the_element(small_chunks, tmp_path, monkeypatch, value):
+    """The read buffers hold the indices as uint16 (1,500 genes): a value that does not fit is
+    found as it is narrowed, one that fits but exceeds the genes by the check after it."""
     store = tmp_path / "bad.zarr"
     shutil.copytree(small_chunks, store)
 
     def edit(data, indices, indptr):
-        indices[5 * CHUNK + 17] = 1_000_000
+        indices[5 * CHUNK + 17] = value
 
     _plant(store, edit)
     monkeypatch.setattr(blocks_module, "_decompose", lambda *_: (1, 2))
+    dtypes = []
+    real = local_module._index_dtype
+    monkeypatch.setattr(local_module, "_index_dtype", lambda *args: dtypes.append(real(*args)) or dtypes[-1])
     with pytest.raises(
-        bigcat.errors.CorruptMatrixError, match=rf"X/indices\[{5 * CHUNK + 17}\] = 1000000 is out of range"
+        bigcat.errors.CorruptMatrixError, match=rf"X/indices\[{5 * CHUNK + 17}\] = {value} is out of range \[0, 1500\)"
     ):
         cluster_stats(store, stats=ALL, block_nnz=4 * CHUNK)
+    assert dtypes == [np.uint16]
 
 
 def test_an_error_in_one_thread_stops_the_others(small_chunks, monkeypatch):

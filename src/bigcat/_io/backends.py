@@ -75,6 +75,11 @@ class Backend:
         """Elements ``lo:hi`` of a 1-D ``array`` into ``out``, in native byte order."""
         raise NotImplementedError
 
+    def narrows(self, array: Any) -> bool:  # noqa: ARG002 - none here
+        """Whether :meth:`read_into` reads the integers of ``array`` into a narrower integer
+        dtype, checking that each fits."""
+        return False
+
     def frame(self, key: str, length: int) -> pd.DataFrame:
         """obs (``key="obs"``) or var with ``length`` rows."""
         return anno.anndata_frame(self.root(), key, length, self.path)
@@ -140,20 +145,31 @@ class AnnDataZarr(Backend):
 
     def read_into(self, array: Any, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
         """Through bigcat's shard reader when the array is encoded as bigcat writes it, else
-        through zarr (both decode into ``out``)."""
-        key = array.path
-        if key not in self._shard_readers:
-            from bigcat._io.shards import ShardReader
-
-            self._shard_readers[key] = ShardReader.for_array(array) if array.dtype == out.dtype else None
-        reader = self._shard_readers[key]
-        if reader is not None:
+        through zarr (both decode into ``out``). Integers may be read into a narrower integer
+        ``out`` through the shard reader only (see :meth:`narrows`)."""
+        reader = self.shard_reader(array)
+        narrowed = array.dtype.kind in "iu" and out.dtype.kind in "iu" and out.dtype.itemsize < array.dtype.itemsize
+        if reader is not None and (out.dtype == array.dtype or narrowed):
             reader.read(lo, hi, out)
         else:
             from zarr.core.buffer import default_buffer_prototype
 
             array.get_basic_selection(slice(lo, hi), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
         return native(out)
+
+    def shard_reader(self, array: Any) -> Any:
+        """bigcat's reader of ``array`` (a :class:`~bigcat._io.shards.ShardReader`), ``None``
+        when zarr must read it."""
+        key = array.path
+        if key not in self._shard_readers:
+            from bigcat._io.shards import ShardReader
+
+            self._shard_readers[key] = ShardReader.for_array(array)
+        return self._shard_readers[key]
+
+    def narrows(self, array: Any) -> bool:
+        """Whether the integers of ``array`` can be read into a narrower integer dtype."""
+        return array.dtype.kind in "iu" and self.shard_reader(array) is not None
 
     def metadata(self, fs: Any, inner: str) -> bytes:
         meta = f"{inner.rstrip('/')}/zarr.json"

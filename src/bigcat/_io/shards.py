@@ -21,7 +21,7 @@ import numpy as np
 
 from bigcat.errors import BigcatInputError
 
-__all__ = ["GrowingArray", "ShardIndex", "ShardReader", "ShardWriter"]
+__all__ = ["DoesNotFit", "GrowingArray", "ShardIndex", "ShardReader", "ShardWriter"]
 
 #: the index entry of an inner chunk never written (read as fill values)
 EMPTY = np.iinfo(np.uint64).max
@@ -204,10 +204,15 @@ class ShardReader:
         return self.indexes[shard]
 
     def read(self, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
-        """Elements ``lo:hi`` into ``out`` (``hi - lo`` elements of the array's dtype)."""
+        """Elements ``lo:hi`` into ``out``: ``hi - lo`` elements of the array's dtype, or of a
+        narrower integer dtype (each chunk decoded into a reused buffer, then copied, while in
+        cache; :class:`DoesNotFit` names the first value out of its range)."""
         chunk, per_shard, blosc = self.shards.chunk, self.shards.per_shard, self.shards.blosc
         if hi <= lo:
             return out
+        dtype = self.shards.array.dtype
+        if out.dtype != dtype:
+            return self._read_narrowed(lo, hi, out, dtype)
         first, last = lo // chunk, (hi - 1) // chunk
         for shard in range(first // per_shard, last // per_shard + 1):
             c0, c1 = max(first, shard * per_shard), min(last, (shard + 1) * per_shard - 1)
@@ -235,6 +240,34 @@ class ShardReader:
                     blosc.decode(piece, out=whole)
                     target[...] = whole[a - s : b - s]
         return out
+
+    def _read_narrowed(self, lo: int, hi: int, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        from bigcat.kernels import narrow_into
+
+        if not (dtype.kind in "iu" and out.dtype.kind in "iu"):
+            msg = f"cannot read {dtype} into {out.dtype}"
+            raise TypeError(msg)
+        info = np.iinfo(out.dtype)
+        chunk = self.shards.chunk
+        wide: np.ndarray | None = getattr(self.scratch, "wide", None)
+        if wide is None or wide.dtype != dtype or len(wide) < chunk:
+            wide = self.scratch.wide = np.empty(chunk, dtype=dtype)
+        for s in range((lo // chunk) * chunk, hi, chunk):  # a chunk at a time, each narrowed while in cache
+            a, b = max(s, lo), min(s + chunk, hi)
+            self.read(a, b, wide[: b - a])
+            bad = narrow_into(wide[: b - a], out[a - lo : b - lo], info.min, info.max)
+            if bad >= 0:
+                raise DoesNotFit(a + int(bad), int(wide[bad]))
+        return out
+
+
+class DoesNotFit(ValueError):
+    """A value read does not fit the narrower integer dtype asked for: ``position`` (an
+    element of the array) and ``value``."""
+
+    def __init__(self, position: int, value: int) -> None:
+        super().__init__(f"element {position} = {value} does not fit")
+        self.position, self.value = position, value
 
 
 class ShardWriter:

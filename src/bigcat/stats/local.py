@@ -183,7 +183,7 @@ def _pass(
     n_row_parts = max(1, min(n_row_parts, len(blocks)))
     largest = max((b.hi - b.lo for b in blocks), default=0)
     x = [part.source.root()[part.source.element] for part in parts]  # type: ignore[union-attr]
-    dtypes = (x[0]["data"].dtype, x[0]["indices"].dtype)
+    dtypes = (x[0]["data"].dtype, _index_dtype(parts, x))
     groups = []
     stop = threading.Event()
     for r in range(n_row_parts):
@@ -284,8 +284,25 @@ def _walk(
             progress.update(1)
 
 
+def _index_dtype(parts: list[_Part], x: list[Any]) -> np.dtype:
+    """The column indices' dtype in the read buffers: the narrowest that holds every input's
+    columns (uint16 below 65,537 genes) when every input's indices can be narrowed as they
+    are decoded (:meth:`~bigcat._io.backends.Backend.narrows`), else the stored one. The
+    blocks then take 6 bytes per value instead of 8 (12 with the int64 indices of more than
+    2³¹ values) — memory, and bandwidth the decode and the fold share (docs/design.md)."""
+    stored = np.dtype(x[0]["indices"].dtype)
+    if not all(part.source.backend.narrows(xi["indices"]) for part, xi in zip(parts, x, strict=True)):  # type: ignore[union-attr]
+        return stored
+    columns = max(part.source.shape[1] for part in parts)  # type: ignore[union-attr]
+    for dtype in (np.dtype(np.uint16), np.dtype(np.int32)):
+        if columns - 1 <= np.iinfo(dtype).max and dtype.itemsize < stored.itemsize:
+            return dtype
+    return stored
+
+
 def _decode(block: _Block, c: int, parts: list[_Part], x: list[Any], slot: tuple, mode: str) -> None:
     """Piece ``c`` of ``block``: its data and indices into ``slot``, its indices checked."""
+    from bigcat._io.shards import DoesNotFit
     from bigcat.kernels import check_compressed
 
     a, b = int(block.pieces[c]), int(block.pieces[c + 1])
@@ -294,7 +311,10 @@ def _decode(block: _Block, c: int, parts: list[_Part], x: list[Any], slot: tuple
     source = parts[block.part].source
     assert source is not None
     source.backend.read_into(x[block.part]["data"], a, b, slot[0][a - block.lo : b - block.lo])
-    indices = source.backend.read_into(x[block.part]["indices"], a, b, slot[1][a - block.lo : b - block.lo])
+    try:
+        indices = source.backend.read_into(x[block.part]["indices"], a, b, slot[1][a - block.lo : b - block.lo])
+    except DoesNotFit as error:  # narrowed as decoded: beyond every input's columns
+        source.out_of_range(error.position, error.value, source.shape[1])
     local = np.clip(block.indptr, a - block.lo, b - block.lo) - (a - block.lo)
     bad, unsorted = check_compressed(indices, local, source.shape[1])
     if bad >= 0:
