@@ -565,6 +565,7 @@ def run_command(scale: str, n_repeat: int, clusters: list[int]) -> tuple[str, di
 
             def fresh(out: Path = out) -> None:  # as a user's first run: nothing to replace (untimed)
                 shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+                os.sync()  # nor the last run's output still being written back to disk meanwhile
 
             # the default cluster: no --cluster (this pass runs on the process' own threads)
             row[suffix] = repeat([*BIGCAT, "stats", str(store), *labels, "--out", str(out), "--quiet"], n_repeat,
