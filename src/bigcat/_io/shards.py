@@ -205,14 +205,21 @@ class ShardReader:
 
     def read(self, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
         """Elements ``lo:hi`` into ``out``: ``hi - lo`` elements of the array's dtype, or of a
-        narrower integer dtype (each chunk decoded into a reused buffer, then copied, while in
+        narrower integer dtype (each chunk decoded into a reused buffer and copied while in
         cache; :class:`DoesNotFit` names the first value out of its range)."""
         chunk, per_shard, blosc = self.shards.chunk, self.shards.per_shard, self.shards.blosc
         if hi <= lo:
             return out
         dtype = self.shards.array.dtype
+        narrow = None
         if out.dtype != dtype:
-            return self._read_narrowed(lo, hi, out, dtype)
+            if not (dtype.kind in "iu" and out.dtype.kind in "iu"):
+                msg = f"cannot read {dtype} into {out.dtype}"
+                raise TypeError(msg)
+            from bigcat.kernels import narrow_into
+
+            info = np.iinfo(out.dtype)
+            narrow = (narrow_into, info.min, info.max)
         first, last = lo // chunk, (hi - 1) // chunk
         for shard in range(first // per_shard, last // per_shard + 1):
             c0, c1 = max(first, shard * per_shard), min(last, (shard + 1) * per_shard - 1)
@@ -233,32 +240,26 @@ class ShardReader:
                     continue
                 offset, nbytes = (int(v) for v in index[c - shard * per_shard])
                 piece = view[offset - base : offset - base + nbytes]
-                if a == s and b == e:
+                if a == s and b == e and narrow is None:
                     blosc.decode(piece, out=target)
-                else:
-                    whole = np.empty(chunk, dtype=out.dtype)
-                    blosc.decode(piece, out=whole)
+                    continue
+                whole = self._chunk_buffer(dtype)
+                blosc.decode(piece, out=whole)
+                if narrow is None:
                     target[...] = whole[a - s : b - s]
+                    continue
+                kernel, low, high = narrow
+                bad = kernel(whole[a - s : b - s], target, low, high)
+                if bad >= 0:
+                    raise DoesNotFit(a + int(bad), int(whole[a - s + bad]))
         return out
 
-    def _read_narrowed(self, lo: int, hi: int, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        from bigcat.kernels import narrow_into
-
-        if not (dtype.kind in "iu" and out.dtype.kind in "iu"):
-            msg = f"cannot read {dtype} into {out.dtype}"
-            raise TypeError(msg)
-        info = np.iinfo(out.dtype)
-        chunk = self.shards.chunk
-        wide: np.ndarray | None = getattr(self.scratch, "wide", None)
-        if wide is None or wide.dtype != dtype or len(wide) < chunk:
-            wide = self.scratch.wide = np.empty(chunk, dtype=dtype)
-        for s in range((lo // chunk) * chunk, hi, chunk):  # a chunk at a time, each narrowed while in cache
-            a, b = max(s, lo), min(s + chunk, hi)
-            self.read(a, b, wide[: b - a])
-            bad = narrow_into(wide[: b - a], out[a - lo : b - lo], info.min, info.max)
-            if bad >= 0:
-                raise DoesNotFit(a + int(bad), int(wide[bad]))
-        return out
+    def _chunk_buffer(self, dtype: np.dtype) -> np.ndarray:
+        """A chunk's worth of ``dtype``, reused by this thread (decoded into, then copied)."""
+        buffer: np.ndarray | None = getattr(self.scratch, "chunk", None)
+        if buffer is None or buffer.dtype != dtype:
+            buffer = self.scratch.chunk = np.empty(self.shards.chunk, dtype=dtype)
+        return buffer
 
 
 class DoesNotFit(ValueError):
