@@ -172,7 +172,7 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
 @pytest.mark.parametrize(("stored", "narrow"), [(np.int64, np.uint16), (np.int32, np.uint16), (np.int64, np.int32)])
 def test_shard_reader_narrows_integers_as_it_decodes(tmp_path, stored, narrow):
     """Column indices are read into a narrower dtype chunk by chunk (each decoded into a
-    reused buffer): every range equals zarr's values; a value that does not fit is named."""
+    buffer reused within the read): every range equals zarr's values; a value that does not fit is named."""
     import zarr
 
     from bigcat._io.layout import sparse_compressors
@@ -192,6 +192,10 @@ def test_shard_reader_narrows_integers_as_it_decodes(tmp_path, stored, narrow):
         out = np.full(hi - lo, 7, dtype=narrow)
         reader.read(lo, hi, out)
         np.testing.assert_array_equal(out, values[lo:hi])
+    # between reads a reader keeps only the compressed bytes' buffer, no decoded chunk: Dask
+    # workers hold a task's reader until the task is forgotten, and a chunk kept by each of
+    # hundreds of them paused 2 GB workers (tests/test_slurm.py)
+    assert set(vars(reader.scratch)) == {"buffer"}
     big = np.iinfo(narrow).max + 1
     array[2500] = big  # (a shard rewritten: a new reader, which reads its new index)
     with pytest.raises(DoesNotFit) as caught:

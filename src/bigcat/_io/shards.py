@@ -220,6 +220,7 @@ class ShardReader:
 
             info = np.iinfo(out.dtype)
             narrow = (narrow_into, info.min, info.max)
+        whole: np.ndarray | None = None  # an edge chunk, or any narrowed one, decoded first
         first, last = lo // chunk, (hi - 1) // chunk
         for shard in range(first // per_shard, last // per_shard + 1):
             c0, c1 = max(first, shard * per_shard), min(last, (shard + 1) * per_shard - 1)
@@ -243,7 +244,8 @@ class ShardReader:
                 if a == s and b == e and narrow is None:
                     blosc.decode(piece, out=target)
                     continue
-                whole = self._chunk_buffer(dtype)
+                if whole is None:
+                    whole = np.empty(chunk, dtype=dtype)
                 blosc.decode(piece, out=whole)
                 if narrow is None:
                     target[...] = whole[a - s : b - s]
@@ -253,13 +255,6 @@ class ShardReader:
                 if bad >= 0:
                     raise DoesNotFit(a + int(bad), int(whole[a - s + bad]))
         return out
-
-    def _chunk_buffer(self, dtype: np.dtype) -> np.ndarray:
-        """A chunk's worth of ``dtype``, reused by this thread (decoded into, then copied)."""
-        buffer: np.ndarray | None = getattr(self.scratch, "chunk", None)
-        if buffer is None or buffer.dtype != dtype:
-            buffer = self.scratch.chunk = np.empty(self.shards.chunk, dtype=dtype)
-        return buffer
 
 
 class DoesNotFit(ValueError):
