@@ -144,9 +144,13 @@ def test_shard_reader_reads_what_zarr_reads(tmp_path):
         np.testing.assert_array_equal(out, values[lo:hi])
     out = np.full(20_000, -1, dtype=np.float32)
     np.testing.assert_array_equal(other.read(0, 20_000, out), sparse_array[:])
-    # local shards are read into a reused per-thread buffer; a pickled reader gets its own
+    # local shards are read into a per-thread buffer that readers share, not one of their own:
+    # Dask workers keep every task's reader until the graph is done (hundreds per worker)
+    from bigcat._io import shards
+
     assert reader.shards.root is not None
-    assert len(reader.scratch.buffer) > 0
+    assert len(shards._SCRATCH.buffer) > 0
+    assert set(vars(reader)) == {"shards", "indexes"}
     copy = pickle.loads(pickle.dumps(reader))
     np.testing.assert_array_equal(copy.read(0, 10_500, np.empty(10_500, np.float32)), values)
     # through the store's own API (as for fsspec/S3 stores) the same values come back
@@ -192,10 +196,9 @@ def test_shard_reader_narrows_integers_as_it_decodes(tmp_path, stored, narrow):
         out = np.full(hi - lo, 7, dtype=narrow)
         reader.read(lo, hi, out)
         np.testing.assert_array_equal(out, values[lo:hi])
-    # between reads a reader keeps only the compressed bytes' buffer, no decoded chunk: Dask
-    # workers hold a task's reader until the task is forgotten, and a chunk kept by each of
-    # hundreds of them paused 2 GB workers (tests/test_slurm.py)
-    assert set(vars(reader.scratch)) == {"buffer"}
+    # between reads a reader keeps no buffer (a decoded chunk kept by each of the hundreds a
+    # Dask worker holds paused 2 GB workers in tests/test_slurm.py)
+    assert set(vars(reader)) == {"shards", "indexes"}
     big = np.iinfo(narrow).max + 1
     array[2500] = big  # (a shard rewritten: a new reader, which reads its new index)
     with pytest.raises(DoesNotFit) as caught:

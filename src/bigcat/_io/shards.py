@@ -26,6 +26,11 @@ __all__ = ["DoesNotFit", "GrowingArray", "ShardIndex", "ShardReader", "ShardWrit
 #: the index entry of an inner chunk never written (read as fill values)
 EMPTY = np.iinfo(np.uint64).max
 
+#: each thread's buffer for the compressed bytes it reads from local shards, shared by every
+#: reader: one per reader kept that reader's largest read alive with it, and Dask workers
+#: hold every task's (deserialized) reader until the graph is done — hundreds per worker
+_SCRATCH = threading.local()
+
 
 class ShardIndex:
     """How one 1-D array is sharded (inner chunk length, chunks per shard, Blosc codec), where
@@ -151,13 +156,6 @@ class ShardReader:
     def __init__(self, shards: ShardIndex) -> None:
         self.shards = shards
         self.indexes: dict[int, np.ndarray | None] = {}
-        self.scratch = threading.local()  # per-thread buffer for compressed bytes (local files)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "scratch": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, scratch=threading.local())
 
     @classmethod
     def for_array(cls, array: Any) -> ShardReader | None:
@@ -180,9 +178,10 @@ class ShardReader:
                 raise BigcatInputError(msg)
             return raw
         size = stop - start
-        buffer: Any = getattr(self.scratch, "buffer", None)
+        buffer: Any = getattr(_SCRATCH, "buffer", None)
         if buffer is None or len(buffer) < size:
-            buffer = self.scratch.buffer = np.empty(size + size // 8, dtype=np.uint8)
+            buffer = _SCRATCH.buffer = None  # the smaller one freed before the new one is taken
+            buffer = _SCRATCH.buffer = np.empty(size + size // 8, dtype=np.uint8)
         view = memoryview(buffer)[:size]
         fd = os.open(shards.root / shards.key(shard), os.O_RDONLY)
         try:
