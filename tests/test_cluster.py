@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -130,14 +131,38 @@ def test_missing_deploy_package_names_the_extra(tmp_path):
     with pytest.raises(BigcatError, match="not installed"), connect(spec):
         pass
     spec.write_text("class: dask_jobqueue.SLURMCluster\nkwargs: {cores: 4}\n")
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("dask_jobqueue") is None:  # (importing it here would replace Ctrl-C's handler)
         with pytest.raises(BigcatError, match=r"pip install 'bigcat\[slurm\]'"), connect(spec):
             pass
     spec.write_text("kwargs: {cores: 4}\n")
     with pytest.raises(BigcatInputError, match="needs `class:"), connect(spec):
         pass
+
+
+def test_ctrl_c_with_a_jobqueue_deploy_still_exits_interrupted(counts, tmp_path):
+    """Importing dask_jobqueue replaces Python's Ctrl-C handler with ``sys.exit()``: a run on
+    a jobqueue deploy (here its LocalCluster, jobs as local processes) interrupted by Ctrl-C
+    must still unwind as interrupted (status 130), not exit silently with status 0."""
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        pytest.skip("dask-jobqueue is not installed")
+    spec = tmp_path / "jobs.yaml"
+    spec.write_text("class: dask_jobqueue.local.LocalCluster\nkwargs: {cores: 1, memory: 1GB, processes: 1}\n")
+    wait = "import sys, time; print('ready', flush=True); time.sleep(120)"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigcat", "open", str(counts), "--cluster", str(spec), "-c", wait],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert "ready" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "bigcat: interrupted" in err
 
 
 @pytest.mark.parametrize(

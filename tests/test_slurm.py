@@ -7,6 +7,7 @@ cleans up with ``scancel``. Skipped only when no SLURM answers here; under CI it
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -38,9 +39,7 @@ def _slurm_answers() -> bool:
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("dask_jobqueue") is None:  # not imported here: its import replaces Ctrl-C's handler
         if os.environ.get("CI"):
             pytest.fail("dask-jobqueue is not installed (the test extra installs it)")
         pytest.skip("dask-jobqueue is not installed")

@@ -112,13 +112,29 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return config
 
 
+def _import_keeping_ctrl_c(module_name: str) -> Any:
+    """Import a deploy package, keeping this process' Ctrl-C handler: importing
+    ``dask_jobqueue`` replaces it with one calling ``sys.exit()``, which turned an
+    interrupted run into a silent exit with status 0 instead of 130 ("interrupted")."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if main and signal.getsignal(signal.SIGINT) is not before:
+            signal.signal(signal.SIGINT, before)
+
+
 def _deploy_class(path: Path, dotted: str) -> Any:
     module_name, _, name = dotted.rpartition(".")
     if not module_name:
         msg = f"{path}: class {dotted!r} must be a dotted path such as dask_jobqueue.SLURMCluster"
         raise BigcatInputError(msg)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_keeping_ctrl_c(module_name)
     except ImportError as error:
         top = module_name.split(".")[0]
         extra = EXTRAS.get(top)
