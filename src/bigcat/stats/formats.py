@@ -263,7 +263,8 @@ def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
     """Rows ``clusters`` of the long table as an Arrow table: cluster and gene names as
     dictionary columns over ``names`` (no string per row is ever built), the statistics as
     flat views of their matrices (pandas strings per row cost many times more to write;
-    docs/design.md)."""
+    docs/design.md). Every column is declared non-nullable (none holds a null): Parquet
+    then writes no definition levels, a quarter of the encoding time (docs/design.md)."""
     import pyarrow as pa
 
     lo, hi, _ = clusters.indices(ds.sizes["cluster"])
@@ -276,7 +277,8 @@ def _long_arrow(ds: Any, clusters: slice, names: dict) -> Any:
     for name, var in ds.data_vars.items():
         if var.dims == ("cluster", "gene"):
             columns[name] = np.ascontiguousarray(np.asarray(var[lo:hi].values)).reshape(-1)
-    return pa.table(columns)
+    table = pa.table(columns)
+    return table.cast(pa.schema([f.with_nullable(nullable=False) for f in table.schema]))
 
 
 def write_stats(
