@@ -225,6 +225,50 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
             assert values.base is arena.memory, name
 
 
+def test_the_command_builds_large_statistics_as_it_writes_them(stores, atlas, monkeypatch, tmp_path):
+    """With large accumulators, `bigcat stats --out` does not build the float32 statistics in
+    the pass' arena (to be read back by the writer): they stay lazy, computed chunk by chunk
+    as they are encoded, and the arena's pages go back to the system; the files hold the
+    oracle's values."""
+    from bigcat.cli import main
+
+    expected = oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy())
+    monkeypatch.setattr(plan_module, "BIG_ACCUMULATORS", 0)
+    arenas, spares = [], []
+
+    class Spy(blocks_module.PageArena):
+        def __init__(self, nbytes: int) -> None:
+            super().__init__(nbytes)
+            arenas.append(self)
+
+    real_derive = api_module._derive
+
+    def derive(acc, n_cells, stats, spare=None):
+        spares.append(spare)
+        return real_derive(acc, n_cells, stats, spare)
+
+    monkeypatch.setattr(blocks_module, "PageArena", Spy)
+    monkeypatch.setattr(api_module, "_derive", derive)
+    result = cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000, _only_written=True)
+    assert spares == [None]
+    for name in ("means", "present", "sqr_means", "vars"):
+        assert not isinstance(result[name].variable._data, np.ndarray), name  # lazy
+    check(result, expected)
+    if sys.platform.startswith("linux"):
+        (arena,) = arenas
+        assert arena.used == 0  # nothing was built in it
+    for suffix in ("zarr", "parquet"):
+        spares.clear()
+        out = tmp_path / f"stats.{suffix}"
+        assert main(["stats", str(stores["sparse"]), "--stats", ALL, "--out", str(out), "--quiet"]) == 0
+        assert spares == [None], suffix  # the command asked for lazy statistics
+        check(read_stats(out), expected)
+    # the API's result, which the caller may read whole, still builds them in the arena
+    spares.clear()
+    cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000)
+    assert spares[0] is not None or not sys.platform.startswith("linux")
+
+
 def test_derived_statistics_are_lazy_and_index_like_numpy(stores, atlas, monkeypatch):
     """means/present/vars are computed on access: any selection equals the oracle's, and
     loading builds each statistic in place (no Dask graph, no copy)."""

@@ -163,7 +163,8 @@ def stats(
                 return
             result = cluster_stats(
                 list(inputs), stats=statistics, threshold=threshold, present_op=present_op,
-                present_at=present_at or (), client=client, allow_duplicate_cells=allow_duplicates, **common,
+                present_at=present_at or (), client=client, allow_duplicate_cells=allow_duplicates,
+                _only_written=out is not None, **common,
             )  # fmt: skip
     if out is None:
         typer.echo(result)

@@ -70,6 +70,7 @@ def cluster_stats(
     storage_options: dict | None = None,
     allow_duplicate_cells: bool = False,
     _membership: dict | None = None,
+    _only_written: bool = False,
 ) -> xr.Dataset:
     """Per-cluster × gene statistics of a cell-by-gene matrix, out of core.
 
@@ -220,6 +221,12 @@ def cluster_stats(
     }
     _note_nonfinite(acc, parts, attrs)
     clusters, n_cells = labelled.clusters, labelled.n_cells
+    if _only_written and spare is not None:
+        # the caller only writes the result: each float32 statistic is then computed chunk by
+        # chunk as it is encoded, while its accumulators' slab is in cache, instead of whole
+        # into the pass' pages and read back (zarr output, 5,000 clusters: 3.3 -> 2.7 s)
+        spare.trim()
+        spare = None
     return _result(acc, n_cells, clusters, gene_names[gene_index], stats, attrs, spare)
 
 
