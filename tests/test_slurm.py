@@ -127,8 +127,13 @@ def test_adaptive_slurm_cluster_gives_every_worker_a_share(slurm, store, tmp_pat
     _assert_equal(result, expected)
     assert any("as 2 row partitions × 1 cluster ranges" in r.getMessage() for r in caplog.records)
     folds = Counter(t["worker"] for t in stream.data if "bigcat-fold" in str(t["key"]))
-    assert len(folds) == 2, folds  # both workers folded blocks ...
-    assert min(folds.values()) >= 0.25 * sum(folds.values()), folds  # ... each a real share
+    # where each init and read (kind, row partition) ran, in order of start, for a failure to be read (seen once in CI,
+    # under load, with every fold on one worker; not reproduced since)
+    placement = [(*str(t["key"]).split("-")[1:5:2], t["worker"][-5:], round(t["startstops"][0]["start"] % 1000, 2))
+                 for t in sorted(stream.data, key=lambda t: t["startstops"][0]["start"])
+                 if str(t["key"]).startswith(("bigcat-init", "bigcat-read"))][:12]  # fmt: skip
+    assert len(folds) == 2, (folds, placement)  # both workers folded blocks ...
+    assert min(folds.values()) >= 0.25 * sum(folds.values()), (folds, placement)  # ... each a real share
     _wait_for_jobs(0, timeout=30)  # the with block ended the jobs
 
 
