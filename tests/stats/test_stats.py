@@ -188,6 +188,21 @@ def test_decomposition_gives_every_planned_thread_a_share(capacity, acc_bytes, b
             assert rows * acc_bytes <= 0.25 * capacity.memory * capacity.workers
 
 
+def _large_accumulators_with_arena_spy(monkeypatch) -> list:
+    """Make every accumulator count as large (blocks read into an arena); returns the list
+    each arena made is appended to."""
+    monkeypatch.setattr(plan_module, "BIG_ACCUMULATORS", 0)
+    arenas: list = []
+
+    class Spy(blocks_module.PageArena):
+        def __init__(self, nbytes: int) -> None:
+            super().__init__(nbytes)
+            arenas.append(self)
+
+    monkeypatch.setattr(blocks_module, "PageArena", Spy)
+    return arenas
+
+
 def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, monkeypatch, caplog):
     """Force the many-clusters decomposition (one row partition × 4 cluster ranges) and the
     few-clusters one (4 row partitions summed by a tree)."""
@@ -205,15 +220,7 @@ def test_cluster_ranges_and_row_partitions_give_the_same_result(stores, atlas, m
     assert decomposition().endswith("as 4 row partitions × 1 cluster ranges")
     # large accumulators, threads in this process: one copy of them, cluster ranges only;
     # blocks read into an arena in which the float32 statistics are then built
-    monkeypatch.setattr(plan_module, "BIG_ACCUMULATORS", 0)
-    arenas = []
-
-    class Spy(blocks_module.PageArena):
-        def __init__(self, nbytes: int) -> None:
-            super().__init__(nbytes)
-            arenas.append(self)
-
-    monkeypatch.setattr(blocks_module, "PageArena", Spy)
+    arenas = _large_accumulators_with_arena_spy(monkeypatch)
     result = cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000)
     check(result, expected)
     assert decomposition().endswith("as 1 row partitions × 4 cluster ranges")
@@ -233,21 +240,14 @@ def test_the_command_builds_large_statistics_as_it_writes_them(stores, atlas, mo
     from bigcat.cli import main
 
     expected = oracle(dense(atlas.X), atlas.obs["cluster"].to_numpy())
-    monkeypatch.setattr(plan_module, "BIG_ACCUMULATORS", 0)
-    arenas, spares = [], []
-
-    class Spy(blocks_module.PageArena):
-        def __init__(self, nbytes: int) -> None:
-            super().__init__(nbytes)
-            arenas.append(self)
-
+    arenas = _large_accumulators_with_arena_spy(monkeypatch)
+    spares = []
     real_derive = api_module._derive
 
     def derive(acc, n_cells, stats, spare=None):
         spares.append(spare)
         return real_derive(acc, n_cells, stats, spare)
 
-    monkeypatch.setattr(blocks_module, "PageArena", Spy)
     monkeypatch.setattr(api_module, "_derive", derive)
     result = cluster_stats(stores["sparse"], stats=ALL, block_nnz=20_000, _only_written=True)
     assert spares == [None]
